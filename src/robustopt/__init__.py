@@ -1,0 +1,21 @@
+"""robustopt: robust optimisation (adversarial training) for local stability of neural nets.
+
+Implements Shaham, Yamada & Negahban, *Understanding Adversarial Training: Increasing Local
+Stability of Neural Nets through Robust Optimization* (arXiv 1511.05432), and its relatives.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from robustopt.config import TrainConfig  # noqa: E402
+from robustopt.errors import CheckpointError, ConfigError, DataError, RobustoptError, RunDirError  # noqa: E402
+from robustopt.perturb import perturb, preserve_state  # noqa: E402
+from robustopt.runs import load_model  # noqa: E402
+from robustopt.threat import ThreatModel  # noqa: E402
+from robustopt.train import train  # noqa: E402
+
+__all__ = [
+    "CheckpointError", "ConfigError", "DataError", "RobustoptError", "RunDirError",
+    "ThreatModel", "TrainConfig", "__version__", "load_model", "perturb", "preserve_state", "train",
+]
