@@ -257,6 +257,7 @@ def train(
                     "restoring the best weights and stopping")
                 model.load_state_dict({k[5:]: v for k, v in ctx.state.items() if k.startswith("best.")})
                 prog.extra["stopped"] = epoch + 1
+                row["test_acc"] = accuracy(model, data.x_test, data.y_test, dev, info)  # of the restored weights
         prog.history.append(row)
         if info.is_main:
             log(f"epoch {epoch + 1}/{cfg.epochs}  loss {row['loss']:.4f}  train acc {row['train_acc']:.4f}  "
