@@ -61,6 +61,23 @@ def preserve_state(model: nn.Module) -> Iterator[nn.Module]:
             m.training = training
 
 
+@contextlib.contextmanager
+def frozen_parameters(model: nn.Module) -> Iterator[nn.Module]:
+    """Temporarily mark every parameter as not requiring grad.
+
+    Autograd then records no weight-gradient work at all (custom autograd functions such as
+    the first conv of ``paper-mnist`` only see ``needs_input_grad``, not what was asked for).
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
 def input_gradient(model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn = cross_entropy) -> tuple[Tensor, Tensor]:
     """∇ₓ Σ_i J(x_i, y_i) and the logits, without forming weight gradients.
 
@@ -117,7 +134,7 @@ def perturb(
     else:
         x_adv = x.clone()
     iterative = steps > 1
-    with preserve_state(model):
+    with preserve_state(model), frozen_parameters(model):
         for _ in range(steps):
             grad, _ = input_gradient(model, x_adv, y, loss_fn)
             direction = threat.ascent_direction(grad, iterative=iterative)
