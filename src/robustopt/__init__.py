@@ -16,6 +16,16 @@ from robustopt.threat import ThreatModel  # noqa: E402
 from robustopt.train import train  # noqa: E402
 
 __all__ = [
-    "CheckpointError", "ConfigError", "DataError", "RobustoptError", "RunDirError",
-    "ThreatModel", "TrainConfig", "__version__", "load_model", "perturb", "preserve_state", "train",
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "RobustoptError",
+    "RunDirError",
+    "ThreatModel",
+    "TrainConfig",
+    "__version__",
+    "load_model",
+    "perturb",
+    "preserve_state",
+    "train",
 ]

@@ -254,5 +254,7 @@ def load_dataset(name: str, data_dir: str | Path | None = None) -> Dataset:
     if arrays is None:
         looked = ", ".join(str(d) for d in search_dirs(data_dir))
         hint = " or `apt-get install dataset-fashion-mnist`" if name == "fashion-mnist" else ""
-        raise DataError(f"dataset {name!r} not found (looked in {looked}); run `robustopt download {name}`{hint}, or pass --data-dir")
+        raise DataError(
+            f"dataset {name!r} not found (looked in {looked}); run `robustopt download {name}`{hint}, or pass --data-dir"
+        )
     return from_arrays(name, arrays, name)

@@ -44,8 +44,11 @@ SOURCES: dict[str, list[Remote]] = {
         Remote(_FASHION + "t10k-labels-idx1-ubyte.gz", "bb300cfdad3c16e7a12a480ee83cd310", "t10k-labels-idx1-ubyte.gz"),
     ],
     "cifar10": [
-        Remote("https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz", "c32a1d4ab5d03f1284b67883e8d87530",
-               "cifar-10-binary.tar.gz"),
+        Remote(
+            "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz",
+            "c32a1d4ab5d03f1284b67883e8d87530",
+            "cifar-10-binary.tar.gz",
+        ),
     ],
 }
 

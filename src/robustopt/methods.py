@@ -70,9 +70,14 @@ def adversarial_step(ctx: StepContext, x: Tensor, y: Tensor) -> tuple[float, Ten
         x_adv = None
         if alpha < 1.0:
             x_adv = perturb(
-                ctx.attack_model, x, y, ctx.threat,
-                steps=cfg.inner_steps, step_size=cfg.inner_step_size,
-                random_start=cfg.method in ("pgd", "fast"), generator=ctx.generator,
+                ctx.attack_model,
+                x,
+                y,
+                ctx.threat,
+                steps=cfg.inner_steps,
+                step_size=cfg.inner_step_size,
+                random_start=cfg.method in ("pgd", "fast"),
+                generator=ctx.generator,
             )
         loss = torch.zeros((), device=x.device)
         logits = None

@@ -60,8 +60,17 @@ class _FoldInputGradConv(torch.autograd.Function):
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             mask = [False, ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
             _, gw, gb = torch.ops.aten.convolution_backward(
-                grad_out, x, weight, [weight.shape[0]] if ctx.has_bias else None,
-                [1, 1], [0, 0], [1, 1], False, [0, 0], 1, mask,
+                grad_out,
+                x,
+                weight,
+                [weight.shape[0]] if ctx.has_bias else None,
+                [1, 1],
+                [0, 0],
+                [1, 1],
+                False,
+                [0, 0],
+                1,
+                mask,
             )
         return gx, gw, gb
 
@@ -83,8 +92,12 @@ class PaperMNIST(nn.Module):
         super().__init__()
         self.normalize = Normalize(mean, std)
         self.features = nn.Sequential(
-            InputConv2d(1, 32, 5), nn.ReLU(), nn.MaxPool2d(3, 3),  # 32 -> 28 -> 9
-            nn.Conv2d(32, 64, 5), nn.ReLU(), nn.MaxPool2d(2, 2),  # 9 -> 5 -> 2
+            InputConv2d(1, 32, 5),
+            nn.ReLU(),
+            nn.MaxPool2d(3, 3),  # 32 -> 28 -> 9
+            nn.Conv2d(32, 64, 5),
+            nn.ReLU(),
+            nn.MaxPool2d(2, 2),  # 9 -> 5 -> 2
         )
         self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(64 * 2 * 2, 200), nn.ReLU(), nn.Linear(200, num_classes))
 
@@ -118,8 +131,13 @@ class PaperCIFAR(nn.Module):
             c = int(v)
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Sequential(
-            nn.Flatten(), nn.Dropout(0.5), nn.Linear(512, 512), nn.BatchNorm1d(512), nn.ReLU(inplace=True),
-            nn.Dropout(0.5), nn.Linear(512, num_classes),
+            nn.Flatten(),
+            nn.Dropout(0.5),
+            nn.Linear(512, 512),
+            nn.BatchNorm1d(512),
+            nn.ReLU(inplace=True),
+            nn.Dropout(0.5),
+            nn.Linear(512, num_classes),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -168,7 +186,9 @@ class PreActResNet18(nn.Module):
 class MLP(nn.Module):
     """Two-layer perceptron on flattened inputs; (B, C, H, W) -> (B, K)."""
 
-    def __init__(self, mean: Sequence[float], std: Sequence[float], num_classes: int = 10, in_features: int = 784, hidden: int = 256) -> None:
+    def __init__(
+        self, mean: Sequence[float], std: Sequence[float], num_classes: int = 10, in_features: int = 784, hidden: int = 256
+    ) -> None:
         super().__init__()
         self.normalize = Normalize(mean, std)
         self.net = nn.Sequential(nn.Flatten(), nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))

@@ -30,7 +30,11 @@ from torch import nn
 from robustopt.errors import CheckpointError, RunDirError
 
 CONFIG, MODEL, CHECKPOINT, METRICS, SUMMARY = (
-    "config.json", "model.safetensors", "checkpoint.safetensors", "metrics.jsonl", "summary.json",
+    "config.json",
+    "model.safetensors",
+    "checkpoint.safetensors",
+    "metrics.jsonl",
+    "summary.json",
 )
 
 
@@ -182,8 +186,11 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> nn.Mo
     cfg = read_json(d / CONFIG)
     try:
         model = build_model(
-            cfg["model"], mean=cfg["normalization"]["mean"], std=cfg["normalization"]["std"],
-            num_classes=cfg["num_classes"], input_shape=tuple(cfg["input_shape"]),
+            cfg["model"],
+            mean=cfg["normalization"]["mean"],
+            std=cfg["normalization"]["std"],
+            num_classes=cfg["num_classes"],
+            input_shape=tuple(cfg["input_shape"]),
         )
     except (KeyError, TypeError) as e:
         raise RunDirError(f"{d / CONFIG} is missing or has a malformed field {e}; retrain the run") from None

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
@@ -56,8 +55,16 @@ def pick_device(name: str | None = None) -> torch.device:
 
 
 def batches(
-    x: torch.Tensor, y: torch.Tensor, batch_size: int, *, seed: int, epoch: int, info: dist.DistInfo,
-    device: torch.device, start: int = 0, shuffle: bool = True,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int,
+    *,
+    seed: int,
+    epoch: int,
+    info: dist.DistInfo,
+    device: torch.device,
+    start: int = 0,
+    shuffle: bool = True,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """This rank's minibatches of an epoch, skipping the first ``start``. x is uint8 or float.
 
@@ -76,7 +83,14 @@ def num_batches(n: int, batch_size: int, info: dist.DistInfo) -> int:
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device, info: dist.DistInfo | None = None, batch_size: int = 1000) -> float:
+def accuracy(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    device: torch.device,
+    info: dist.DistInfo | None = None,
+    batch_size: int = 1000,
+) -> float:
     """Clean accuracy of ``model`` on (x, y), sharded over ranks when distributed."""
     info = info or dist.DistInfo()
     was_training = model.training
@@ -106,13 +120,22 @@ def run_metadata(cfg: TrainConfig, data: Dataset, device: torch.device, info: di
     import safetensors
 
     return {
-        "model": cfg.model, "dataset": cfg.dataset, "num_classes": data.num_classes,
+        "model": cfg.model,
+        "dataset": cfg.dataset,
+        "num_classes": data.num_classes,
         "input_shape": list(data.input_shape),
         "normalization": {"mean": list(data.mean), "std": list(data.std)},
-        "pixel_eps": cfg.pixel_eps, "train": dataclasses.asdict(cfg), "device": str(device),
+        "pixel_eps": cfg.pixel_eps,
+        "train": dataclasses.asdict(cfg),
+        "device": str(device),
         "world_size": info.world_size,
-        "versions": {"robustopt": __version__, "torch": torch.__version__, "python": platform.python_version(),
-                     "numpy": numpy.__version__, "safetensors": safetensors.__version__},
+        "versions": {
+            "robustopt": __version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "numpy": numpy.__version__,
+            "safetensors": safetensors.__version__,
+        },
     }
 
 
@@ -132,7 +155,9 @@ def prepare_run_dir(out: Path, cfg: TrainConfig, *, resume: bool, overwrite: boo
     wanted = cfg.training_keys()
     diff = sorted(k for k in wanted if k in saved and saved[k] != wanted[k] or k not in saved)
     if diff:
-        raise RunDirError(f"{out} holds a run with a different configuration ({', '.join(diff)}); use another --out or --overwrite")
+        raise RunDirError(
+            f"{out} holds a run with a different configuration ({', '.join(diff)}); use another --out or --overwrite"
+        )
     return (out / CHECKPOINT).exists()
 
 
@@ -150,8 +175,15 @@ def _guard_check(ctx: StepContext, held: tuple[torch.Tensor, torch.Tensor], devi
 
 
 def train(
-    cfg: TrainConfig, out: str | Path, *, data_dir: str | Path | None = None, device: str | None = None,
-    resume: bool = False, overwrite: bool = False, progress_bar: bool = True, log: Log = print,
+    cfg: TrainConfig,
+    out: str | Path,
+    *,
+    data_dir: str | Path | None = None,
+    device: str | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress_bar: bool = True,
+    log: Log = print,
 ) -> dict[str, Any]:
     """Train a model by robust optimisation and save it to the run directory ``out``.
 
@@ -178,12 +210,13 @@ def train(
         x_train, y_train = x_train.to(dev), y_train.to(dev)
 
     do_resume = (
-        prepare_run_dir(out, cfg, resume=resume, overwrite=overwrite) if info.is_main
-        else resume and (out / CHECKPOINT).exists()
+        prepare_run_dir(out, cfg, resume=resume, overwrite=overwrite) if info.is_main else resume and (out / CHECKPOINT).exists()
     )
     dist.setup(info, dev)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, mean=data.mean, std=data.std, num_classes=data.num_classes, input_shape=data.input_shape).to(dev)
+    model = build_model(cfg.model, mean=data.mean, std=data.std, num_classes=data.num_classes, input_shape=data.input_shape).to(
+        dev
+    )
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if cfg.sync_bn and info.enabled:
@@ -220,9 +253,17 @@ def train(
         epoch = prog.epoch
         model.train()
         t0 = time.monotonic() - prog.seconds
-        bar = tqdm(total=iters, initial=prog.batch, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
-                   disable=not (progress_bar and info.is_main), unit="batch")
-        for x, y in batches(x_train, y_train, cfg.batch_size, seed=cfg.seed, epoch=epoch, info=info, device=dev, start=prog.batch):
+        bar = tqdm(
+            total=iters,
+            initial=prog.batch,
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            leave=False,
+            disable=not (progress_bar and info.is_main),
+            unit="batch",
+        )
+        for x, y in batches(
+            x_train, y_train, cfg.batch_size, seed=cfg.seed, epoch=epoch, info=info, device=dev, start=prog.batch
+        ):
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             for group in optimizer.param_groups:
@@ -244,8 +285,14 @@ def train(
         seconds = time.monotonic() - t0
         loss_sum, correct, seen = dist.all_sum([prog.loss_sum, prog.correct, prog.seen], dev)
         test_acc = accuracy(model, data.x_test, data.y_test, dev, info)
-        row = {"epoch": epoch + 1, "loss": loss_sum / seen, "train_acc": correct / seen, "test_acc": test_acc,
-               "seconds": round(seconds, 3), "lr": optimizer.param_groups[0]["lr"]}
+        row = {
+            "epoch": epoch + 1,
+            "loss": loss_sum / seen,
+            "train_acc": correct / seen,
+            "test_acc": test_acc,
+            "seconds": round(seconds, 3),
+            "lr": optimizer.param_groups[0]["lr"],
+        }
         if held is not None:
             row["guard_pgd_acc"] = _guard_check(ctx, held, dev)
             best = prog.extra.get("best_guard", -1.0)
@@ -253,15 +300,19 @@ def train(
                 prog.extra["best_guard"] = row["guard_pgd_acc"]
                 ctx.state.update({f"best.{k}": v.detach().clone() for k, v in model.state_dict().items()})
             elif row["guard_pgd_acc"] < best - cfg.guard_drop:
-                log(f"catastrophic overfitting: held-out PGD accuracy fell from {best:.3f} to {row['guard_pgd_acc']:.3f}; "
-                    "restoring the best weights and stopping")
+                log(
+                    f"catastrophic overfitting: held-out PGD accuracy fell from {best:.3f} to {row['guard_pgd_acc']:.3f}; "
+                    "restoring the best weights and stopping"
+                )
                 model.load_state_dict({k[5:]: v for k, v in ctx.state.items() if k.startswith("best.")})
                 prog.extra["stopped"] = epoch + 1
                 row["test_acc"] = accuracy(model, data.x_test, data.y_test, dev, info)  # of the restored weights
         prog.history.append(row)
         if info.is_main:
-            log(f"epoch {epoch + 1}/{cfg.epochs}  loss {row['loss']:.4f}  train acc {row['train_acc']:.4f}  "
-                f"test acc {test_acc:.4f}  {seconds:.1f}s")
+            log(
+                f"epoch {epoch + 1}/{cfg.epochs}  loss {row['loss']:.4f}  train acc {row['train_acc']:.4f}  "
+                f"test acc {test_acc:.4f}  {seconds:.1f}s"
+            )
         prog.epoch, prog.batch, prog.loss_sum, prog.correct, prog.seen, prog.seconds = epoch + 1, 0, 0.0, 0.0, 0.0, 0.0
         if info.is_main:
             save_model(out / MODEL, model, {"epoch": epoch + 1})
@@ -269,9 +320,13 @@ def train(
         checkpoint()
         last_save = time.monotonic()
 
-    summary = {"epochs": prog.epoch, "test_acc": prog.history[-1]["test_acc"] if prog.history else None,
-               "train_seconds": sum(r["seconds"] for r in prog.history), "wall_seconds": time.monotonic() - start_wall,
-               "stopped_early_at": prog.extra.get("stopped")}
+    summary = {
+        "epochs": prog.epoch,
+        "test_acc": prog.history[-1]["test_acc"] if prog.history else None,
+        "train_seconds": sum(r["seconds"] for r in prog.history),
+        "wall_seconds": time.monotonic() - start_wall,
+        "stopped_early_at": prog.extra.get("stopped"),
+    }
     if info.is_main:
         write_json(out / SUMMARY, summary)
     dist.barrier()

@@ -56,8 +56,12 @@ def train_command(
     cfg = make_config(values)
     run_dir = runtime.get("out") or out or Path("runs") / f"{cfg.method}-{cfg.norm}"
     train(
-        cfg, run_dir, data_dir=runtime.get("data_dir") or data_dir, device=runtime.get("device") or device,
-        resume=resume or bool(runtime.get("resume")), overwrite=overwrite or bool(runtime.get("overwrite")),
+        cfg,
+        run_dir,
+        data_dir=runtime.get("data_dir") or data_dir,
+        device=runtime.get("device") or device,
+        resume=resume or bool(runtime.get("resume")),
+        overwrite=overwrite or bool(runtime.get("overwrite")),
         progress_bar=progress,
     )
     typer.echo(f"saved {run_dir}")
