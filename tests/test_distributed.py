@@ -1,0 +1,145 @@
+"""DistributedDataParallel on CPU (gloo, 2 ranks on 127.0.0.1): gradient parity and an end-to-end torchrun run.
+
+Why the parity holds: without BatchNorm the per-example perturbation x̃_i depends only on
+(θ, x_i, y_i), so building it per rank on a shard gives the same x̃ as on the full batch; the
+loss is a mean over the shard, and DDP averages the weight gradients over equal shards, which
+is the gradient of the mean over the global batch. One optimiser step therefore matches.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from robustopt.config import TrainConfig
+from robustopt.data import load_dataset, to_float
+from robustopt.methods import StepContext, train_step
+from robustopt.models import build_model
+from robustopt.runs import load_model, load_tensors, read_metrics
+from robustopt.threat import ThreatModel
+from robustopt.train import accuracy, train
+
+WORLD = 2
+GLOBAL_BATCH = 64
+# (method, extra config): one-step FGSM (Algorithm 1), FGSM + clean loss (two forwards before one
+# backward under DDP), 3-step projected ascent without random start, and free training (2 replays).
+CASES: dict[str, dict] = {
+    "robust": {"method": "robust"},
+    "goodfellow": {"method": "goodfellow"},
+    "robust-3steps": {"method": "robust", "steps": 3},
+    "free": {"method": "free", "replays": 2},
+}
+LOOPBACK_ENV = {"MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _global_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """The first 64 MNIST training images (64, 1, 28, 28) in [0,1] and their labels."""
+    data = load_dataset("mnist")
+    return to_float(data.x_train[:GLOBAL_BATCH]), data.y_train[:GLOBAL_BATCH]
+
+
+def _one_step(case: str, x: torch.Tensor, y: torch.Tensor, ddp: bool) -> dict[str, torch.Tensor]:
+    """Weights of a fresh paper-mnist (seed 0) after ``train_step`` on (x, y), wired as ``train.train`` wires it."""
+    cfg = TrainConfig(eps=0.1, lr=0.1, momentum=0.9, weight_decay=1e-3, **CASES[case])
+    torch.manual_seed(0)
+    model = build_model("paper-mnist", mean=[0.1307], std=[0.3081], num_classes=10, input_shape=(1, 28, 28))
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    outer: nn.Module = nn.parallel.DistributedDataParallel(model) if ddp else model
+    gen = torch.Generator().manual_seed(0)
+    ctx = StepContext(outer, model, opt, ThreatModel(cfg.norm, cfg.pixel_eps), cfg, gen)
+    train_step(ctx, x, y)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _parity_worker(rank: int, port: int, out: str) -> None:
+    os.environ.update(LOOPBACK_ENV)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    x, y = _global_batch()
+    shard = slice(rank * GLOBAL_BATCH // WORLD, (rank + 1) * GLOBAL_BATCH // WORLD)
+    result = {f"{case}/{k}": v for case in CASES for k, v in _one_step(case, x[shard], y[shard], ddp=True).items()}
+    if rank == 0:
+        torch.save(result, out)
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ddp_weights(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, torch.Tensor]]:
+    """Weights after one DDP step of every case, from rank 0 of a 2-rank gloo group."""
+    out = tmp_path_factory.mktemp("ddp") / "weights.pt"
+    mp.spawn(_parity_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    flat = torch.load(out, weights_only=True)
+    return {case: {k.split("/", 1)[1]: v for k, v in flat.items() if k.startswith(case + "/")} for case in CASES}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_ddp_step_matches_one_process_on_the_global_batch(case: str, ddp_weights: dict) -> None:
+    x, y = _global_batch()
+    single = _one_step(case, x, y, ddp=False)
+    torch.manual_seed(0)
+    initial = build_model("paper-mnist", mean=[0.1307], std=[0.3081], num_classes=10, input_shape=(1, 28, 28)).state_dict()
+    moved = max(float((single[k] - initial[k]).abs().max()) for k in single)
+    assert moved > 1e-3  # the step really changed the weights, so matching them means something
+    for k in single:
+        torch.testing.assert_close(ddp_weights[case][k], single[k], rtol=1e-5, atol=2e-6, msg=f"{case}: {k}")
+    # Control: without the all-reduce, rank 0's step on its half batch is measurably different.
+    half = _one_step(case, x[: GLOBAL_BATCH // WORLD], y[: GLOBAL_BATCH // WORLD], ddp=False)
+    assert max(float((half[k] - single[k]).abs().max()) for k in single) > 1e-3
+
+
+def _torchrun(out: Path, extra: list[str]) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}", "-m", "robustopt"]
+    cmd += ["train", "--subset", "2000", "--epochs", "1", "--device", "cpu", "--no-progress", "--out", str(out), *extra]
+    env = {**os.environ, **LOOPBACK_ENV, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_equals_one_process_with_the_global_batch(tmp_path: Path) -> None:
+    """``torchrun --nproc_per_node=2`` with 50 images per rank trains the same model as one process with 100.
+
+    DistributedSampler gives rank r the positions r, r+2, … of the epoch's permutation, so
+    rank-batch i of both ranks together is exactly single-process batch i of twice the size.
+    """
+    proc = _torchrun(tmp_path / "ddp", ["--batch-size", "50", "--method", "robust", "--eps", "0.1", "--lr", "0.05"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    run = tmp_path / "ddp"
+    assert sorted(p.name for p in run.iterdir()) == [
+        "checkpoint.safetensors",
+        "config.json",
+        "metrics.jsonl",
+        "model.safetensors",
+        "summary.json",
+    ]
+    assert json.loads((run / "config.json").read_text())["world_size"] == WORLD
+    assert len(read_metrics(run)) == 1  # one writer: rank 0
+    _, meta = load_tensors(run / "checkpoint.safetensors")
+    assert meta["progress"]["epoch"] == 1
+
+    cfg = TrainConfig(method="robust", eps=0.1, lr=0.05, batch_size=100, subset=2000, epochs=1)
+    train(cfg, tmp_path / "single", device="cpu", progress_bar=False, log=lambda s: None)
+    ddp_model, single_model = load_model(run), load_model(tmp_path / "single")
+    for (name, a), b in zip(ddp_model.state_dict().items(), single_model.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+    ddp_row, single_row = read_metrics(run)[0], read_metrics(tmp_path / "single")[0]
+    # Global metrics: the reduced train loss/accuracy over all 2000 images and the test accuracy over all 10k.
+    assert ddp_row["loss"] == pytest.approx(single_row["loss"], rel=1e-4)
+    assert ddp_row["train_acc"] == pytest.approx(single_row["train_acc"], abs=1e-3)
+    data = load_dataset("mnist")
+    assert ddp_row["test_acc"] == pytest.approx(accuracy(ddp_model, data.x_test, data.y_test, torch.device("cpu")), abs=1e-4)
