@@ -27,7 +27,7 @@ from robustopt.methods import StepContext, train_step
 from robustopt.models import build_model
 from robustopt.runs import load_model, load_tensors, read_metrics
 from robustopt.threat import ThreatModel
-from robustopt.train import accuracy, train
+from robustopt.train import _guard_check, accuracy, train
 
 WORLD = 2
 GLOBAL_BATCH = 64
@@ -74,9 +74,25 @@ def _parity_worker(rank: int, port: int, out: str) -> None:
     x, y = _global_batch()
     shard = slice(rank * GLOBAL_BATCH // WORLD, (rank + 1) * GLOBAL_BATCH // WORLD)
     result = {f"{case}/{k}": v for case in CASES for k, v in _one_step(case, x[shard], y[shard], ddp=True).items()}
+    result["guard"] = torch.tensor(_guards_of_all_ranks(rank))
     if rank == 0:
         torch.save(result, out)
     dist.destroy_process_group()
+
+
+def _guards_of_all_ranks(rank: int) -> list[float]:
+    """Every rank's fast-training guard value; ranks seed their attack generators differently, as in training."""
+    model = _one_step("robust", *_global_batch(), ddp=False)
+    net = build_model("paper-mnist", mean=[0.1307], std=[0.3081], num_classes=10, input_shape=(1, 28, 28))
+    net.load_state_dict(model)
+    cfg = TrainConfig(method="fast", eps=0.05)
+    gen = torch.Generator().manual_seed(1000 * cfg.seed + rank)
+    ctx = StepContext(net, net, torch.optim.SGD(net.parameters(), lr=0.1), ThreatModel("linf", 0.05), cfg, gen)
+    data = load_dataset("mnist")
+    value = _guard_check(ctx, (data.x_train[-500:], data.y_train[-500:]), torch.device("cpu"))
+    values: list[float] = [0.0] * WORLD
+    dist.all_gather_object(values, value)
+    return values
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +101,8 @@ def ddp_weights(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str,
     out = tmp_path_factory.mktemp("ddp") / "weights.pt"
     mp.spawn(_parity_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
     flat = torch.load(out, weights_only=True)
-    return {case: {k.split("/", 1)[1]: v for k, v in flat.items() if k.startswith(case + "/")} for case in CASES}
+    weights = {case: {k.split("/", 1)[1]: v for k, v in flat.items() if k.startswith(case + "/")} for case in CASES}
+    return {**weights, "guard": flat["guard"]}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -101,6 +118,13 @@ def test_ddp_step_matches_one_process_on_the_global_batch(case: str, ddp_weights
     # Control: without the all-reduce, rank 0's step on its half batch is measurably different.
     half = _one_step(case, x[: GLOBAL_BATCH // WORLD], y[: GLOBAL_BATCH // WORLD], ddp=False)
     assert max(float((half[k] - single[k]).abs().max()) for k in single) > 1e-3
+
+
+def test_fast_guard_is_the_same_on_every_rank(ddp_weights: dict) -> None:
+    """Each rank must take the same stop/restore decision, or the ranks deadlock in the next collective."""
+    guards = ddp_weights["guard"]
+    assert len(guards) == WORLD and 0.0 < float(guards[0]) < 1.0
+    assert torch.all(guards == guards[0]), guards
 
 
 def _torchrun(out: Path, extra: list[str]) -> subprocess.CompletedProcess:

@@ -171,7 +171,8 @@ def _guard_check(ctx: StepContext, held: tuple[torch.Tensor, torch.Tensor], devi
     with torch.no_grad():
         acc = float((model(x_adv).argmax(1) == y).float().mean())
     model.train(was)
-    return acc
+    total, ranks = dist.all_sum([acc, 1.0], device)  # random starts differ per rank; all must take the same decision
+    return total / ranks
 
 
 def train(
