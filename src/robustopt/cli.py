@@ -38,6 +38,11 @@ for _mod in sorted(m.name for m in pkgutil.iter_modules(commands.__path__)):
     importlib.import_module(f"robustopt.commands.{_mod}").register(app)
 
 
+def _one_line(message: str) -> str:
+    """Join a message's lines, so that every error is exactly one line on stderr."""
+    return " ".join(part.strip() for part in message.strip().splitlines() if part.strip())
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, mapping every failure to a one-line message and exit code."""
     args = sys.argv[1:] if argv is None else argv
@@ -47,8 +52,14 @@ def main(argv: list[str] | None = None) -> None:
     except RobustoptError as e:
         if debug:
             traceback.print_exc()
-        print(f"robustopt: error: {e}", file=sys.stderr)
+        print(f"robustopt: error: {_one_line(str(e))}", file=sys.stderr)
         sys.exit(e.exit_code)
+    except OSError as e:  # the environment: permission denied, disk full, a path that is a file
+        if debug:
+            traceback.print_exc()
+        where = f": {e.filename}" if e.filename else ""
+        print(f"robustopt: error: {_one_line(e.strerror or str(e))}{where}", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
         print("robustopt: interrupted; finished epochs and checkpoints are kept (use --resume)", file=sys.stderr)
         sys.exit(130)

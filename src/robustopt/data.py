@@ -140,7 +140,10 @@ def read_cifar_bin(paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
     """CIFAR-10 binary records ``<label byte><3072 planar RGB bytes>`` -> (N, 3, 32, 32), (N,)."""
     chunks = []
     for p in paths:
-        raw = np.fromfile(p, dtype=np.uint8)
+        try:
+            raw = np.fromfile(p, dtype=np.uint8)
+        except OSError as e:
+            raise DataError(f"{p}: cannot read this CIFAR-10 batch ({e.strerror}); run `robustopt download cifar10`") from None
         if raw.size == 0 or raw.size % 3073:
             raise DataError(f"{p}: size {raw.size} is not a multiple of 3073 bytes; the file is truncated or corrupt")
         chunks.append(raw.reshape(-1, 3073))

@@ -141,6 +141,8 @@ def run_metadata(cfg: TrainConfig, data: Dataset, device: torch.device, info: di
 
 def prepare_run_dir(out: Path, cfg: TrainConfig, *, resume: bool, overwrite: bool) -> bool:
     """Check ``out`` against the request. Returns True when a checkpoint should be resumed."""
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"--out {out} is a file, not a run directory; choose another --out")
     if overwrite:
         for name in (CONFIG, MODEL, CHECKPOINT, SUMMARY, "metrics.jsonl"):
             (out / name).unlink(missing_ok=True)

@@ -8,8 +8,19 @@ from typing import Any
 import typer
 
 from robustopt.config import CONFIG_KEYS, make_config, read_toml
+from robustopt.errors import ConfigError
 
 RUNTIME_KEYS = {"out", "data_dir", "device", "resume", "overwrite"}
+
+
+def _runtime_keys(values: dict[str, Any]) -> dict[str, Any]:
+    """Pop the config file's non-training keys (out, data_dir, device, resume, overwrite), type-checked."""
+    runtime = {k: values.pop(k) for k in list(values) if k in RUNTIME_KEYS}
+    for key, value in runtime.items():
+        want = bool if key in ("resume", "overwrite") else str
+        if not isinstance(value, want):
+            raise ConfigError(f"config key {key} must be {'true or false' if want is bool else 'a string'}, got {value!r}")
+    return runtime
 
 
 def train_command(
@@ -52,14 +63,14 @@ def train_command(
     flags = {k: v for k, v in locals().items() if k in CONFIG_KEYS and v is not None}
     values: dict[str, Any] = read_toml(config, CONFIG_KEYS | RUNTIME_KEYS) if config else {}
     values.update(flags)
-    runtime = {k: values.pop(k) for k in list(values) if k in RUNTIME_KEYS}
+    runtime = _runtime_keys(values)
     cfg = make_config(values)
-    run_dir = runtime.get("out") or out or Path("runs") / f"{cfg.method}-{cfg.norm}"
+    run_dir = out or runtime.get("out") or Path("runs") / f"{cfg.method}-{cfg.norm}"
     train(
         cfg,
         run_dir,
-        data_dir=runtime.get("data_dir") or data_dir,
-        device=runtime.get("device") or device,
+        data_dir=data_dir or runtime.get("data_dir"),
+        device=device or runtime.get("device"),
         resume=resume or bool(runtime.get("resume")),
         overwrite=overwrite or bool(runtime.get("overwrite")),
         progress_bar=progress,

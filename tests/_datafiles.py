@@ -1,0 +1,76 @@
+"""Writers for tiny synthetic dataset files in every format robustopt reads (test helpers).
+
+The arrays are small (a few dozen images) so that every format can be written, read back and
+corrupted in milliseconds. Layouts follow the formats' specifications:
+
+* IDX: 3 zero/type bytes (``00 00 08`` = unsigned byte), the number of dimensions, each
+  dimension as a big-endian uint32, then the data in C order;
+* CIFAR-10 binary: records of one label byte and 3072 image bytes (R, G, B planes of 32×32);
+* npz: ``x_train, y_train, x_test, y_test`` written by :func:`numpy.savez`.
+"""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+
+IDX_STEMS = {
+    "x_train": "train-images-idx3-ubyte",
+    "y_train": "train-labels-idx1-ubyte",
+    "x_test": "t10k-images-idx3-ubyte",
+    "y_test": "t10k-labels-idx1-ubyte",
+}
+
+
+def tiny_arrays(shape: tuple[int, ...] = (28, 28), n_train: int = 30, n_test: int = 20, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random uint8 images of ``shape`` per example and int labels in 0..9."""
+    rng = np.random.default_rng(seed)
+    return {
+        "x_train": rng.integers(0, 256, (n_train, *shape), dtype=np.uint8),
+        "y_train": rng.integers(0, 10, n_train).astype(np.int64),
+        "x_test": rng.integers(0, 256, (n_test, *shape), dtype=np.uint8),
+        "y_test": rng.integers(0, 10, n_test).astype(np.int64),
+    }
+
+
+def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:  # a file object: numpy must not append ".npz" to odd names
+        np.savez(f, **arrays)
+    return path
+
+
+def idx_bytes(arr: np.ndarray) -> bytes:
+    """An unsigned-byte IDX encoding of ``arr``."""
+    header = bytes([0, 0, 0x08, arr.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
+    return header + np.ascontiguousarray(arr, dtype=np.uint8).tobytes()
+
+
+def write_idx(directory: Path, arrays: dict[str, np.ndarray], gz: bool) -> dict[str, Path]:
+    """The four IDX files of ``arrays`` in ``directory`` (gzip-compressed when ``gz``)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for key, stem in IDX_STEMS.items():
+        raw = idx_bytes(arrays[key].astype(np.uint8))
+        path = directory / (f"{stem}.gz" if gz else stem)
+        path.write_bytes(gzip.compress(raw) if gz else raw)
+        out[key] = path
+    return out
+
+
+def cifar_records(x_nhwc: np.ndarray, y: np.ndarray) -> bytes:
+    """CIFAR-10 binary records from NHWC uint8 images and labels."""
+    planar = x_nhwc.transpose(0, 3, 1, 2).reshape(len(y), -1)
+    return np.concatenate([y.astype(np.uint8)[:, None], planar], axis=1).tobytes()
+
+
+def write_cifar_bin(directory: Path, arrays: dict[str, np.ndarray], batches: int = 5) -> Path:
+    """``data_batch_{1..5}.bin`` (training images split evenly) and ``test_batch.bin``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    parts = np.array_split(np.arange(len(arrays["y_train"])), batches)
+    for i, idx in enumerate(parts, start=1):
+        (directory / f"data_batch_{i}.bin").write_bytes(cifar_records(arrays["x_train"][idx], arrays["y_train"][idx]))
+    (directory / "test_batch.bin").write_bytes(cifar_records(arrays["x_test"], arrays["y_test"]))
+    return directory

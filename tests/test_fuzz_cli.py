@@ -1,0 +1,580 @@
+"""Fuzzing the CLI with bad invocations and bad files: a one-line error, a non-zero exit, never a traceback.
+
+Most cases run in-process through :func:`robustopt.cli.main` (the console script's entry point) to
+keep the file fast; a handful run as real ``python -m robustopt`` subprocesses. Every ``train`` case
+targets a finished run directory (half of them with ``--overwrite``) and then checks that its files
+are byte-identical: a bad invocation never destroys earlier results.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from _datafiles import tiny_arrays, write_cifar_bin, write_idx, write_npz
+from robustopt import cli
+from robustopt.config import TrainConfig
+from robustopt.errors import CheckpointError, RobustoptError, RunDirError
+from robustopt.runs import load_model, save_tensors
+
+TRAIN = ["train", "--model", "mlp", "--subset", "300", "--epochs", "1", "--no-progress"]
+RUN_CONFIG = {"model": "mlp", "subset": 300, "epochs": 1}  # what TRAIN means, as TrainConfig fields
+CUDA = torch.cuda.is_available()
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def run_main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """Run the CLI in-process; returns (exit code, stdout, stderr)."""
+    with pytest.raises(SystemExit) as info:
+        cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    code = info.value.code
+    return (0 if code is None else code if isinstance(code, int) else 1), out, err
+
+
+def assert_one_line_error(code: int, err: str) -> str:
+    """Non-zero exit, no traceback, exactly one ``robustopt: error:`` line on stderr and nothing else."""
+    assert code != 0, err
+    assert "Traceback" not in err, err
+    lines = [s for s in err.splitlines() if s.strip()]
+    assert len(lines) == 1 and lines[0].startswith("robustopt: error: "), err
+    assert "internal error" not in lines[0]
+    return lines[0]
+
+
+def assert_usage_error(code: int, err: str) -> None:
+    """Click's own usage error (bad flag syntax): exit 2, an error box, no traceback."""
+    assert code == 2, err
+    assert "Traceback" not in err and "Error" in err, err
+
+
+def snapshot(d: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.is_file()}
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No user cache, no $ROBUSTOPT_DATA, no debug mode, and a scratch working directory."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("ROBUSTOPT_DATA", raising=False)
+    monkeypatch.delenv("ROBUSTOPT_DEBUG", raising=False)
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, bytes]]:
+    """A real finished 1-epoch mlp run on 300 MNIST images, and a snapshot of its files."""
+    from robustopt.train import train
+
+    run = tmp_path_factory.mktemp("finished") / "run"
+    train(TrainConfig(**RUN_CONFIG), run, progress_bar=False, log=lambda s: None)
+    return run, snapshot(run)
+
+
+@pytest.fixture
+def unfinished_run(finished_run: tuple[Path, dict[str, bytes]], tmp_path: Path) -> Path:
+    """A copy of the finished run whose summary is gone: ``--resume`` will read its checkpoint."""
+    run = tmp_path / "unfinished"
+    shutil.copytree(finished_run[0], run)
+    (run / "summary.json").unlink()
+    return run
+
+
+def check_untouched(finished_run: tuple[Path, dict[str, bytes]]) -> None:
+    run, before = finished_run
+    assert snapshot(run) == before, "a failed invocation changed a finished run directory"
+
+
+# ---------------------------------------------------------------- bad flags
+
+BAD_FLAGS: dict[str, list[str]] = {
+    "unknown-dataset": ["--dataset", "imagenet"],
+    "unknown-model": ["--model", "vgg"],
+    "unknown-method": ["--method", "trades"],
+    "unknown-norm": ["--norm", "l3"],
+    "empty-norm": ["--norm", ""],
+    "unknown-schedule": ["--schedule", "cosine"],
+    "unknown-amp": ["--amp", "fp8"],
+    "unknown-eps-units": ["--eps-units", "furlongs"],
+    "unknown-device": ["--device", "tpu"],
+    "eps-negative": ["--eps", "-0.1"],
+    "eps-nan": ["--eps", "nan"],
+    "eps-inf": ["--eps", "inf"],
+    "eps-minus-inf": ["--eps", "-inf"],
+    "eps-overflow": ["--eps", "1e400"],
+    "eps-garbage": ["--eps", "abc"],
+    "eps-empty": ["--eps", ""],
+    "eps-div-zero": ["--eps", "1/0"],
+    "eps-double-fraction": ["--eps", "8/255/3"],
+    "eps-zero-robust": ["--eps", "0"],
+    "step-size-zero": ["--step-size", "0"],
+    "step-size-negative": ["--step-size", "-0.01"],
+    "step-size-nan": ["--step-size", "nan"],
+    "step-size-inf": ["--step-size", "inf"],
+    "step-size-garbage": ["--step-size", "x"],
+    "lr-zero": ["--lr", "0"],
+    "lr-negative": ["--lr", "-0.01"],
+    "lr-nan": ["--lr", "nan"],
+    "lr-inf": ["--lr", "inf"],
+    "lr-garbage": ["--lr", "fast"],
+    "epochs-zero": ["--epochs", "0"],
+    "epochs-negative": ["--epochs", "-3"],
+    "batch-size-zero": ["--batch-size", "0"],
+    "batch-size-negative": ["--batch-size", "-10"],
+    "momentum-above-one": ["--momentum", "1.5"],
+    "weight-decay-negative": ["--weight-decay", "-1e-3"],
+    "alpha-above-one": ["--alpha", "2"],
+    "alpha-nan": ["--alpha", "nan"],
+    "checkpoint-minutes-zero": ["--checkpoint-minutes", "0"],
+    "checkpoint-minutes-nan": ["--checkpoint-minutes", "nan"],
+    "steps-zero": ["--steps", "0"],
+    "replays-zero": ["--method", "free", "--replays", "0"],
+    "subset-zero": ["--subset", "0"],
+    "subset-too-large": ["--subset", "1000000"],
+    "seed-negative": ["--seed", "-1"],
+    "lr-step-zero": ["--lr-step", "0"],
+    "eps-above-linf-domain": ["--norm", "linf", "--eps", "1.5"],
+    "eps-above-l2-domain": ["--norm", "l2", "--eps", "30"],  # the l2 diameter of [0,1]^784 is 28
+    "eps-above-l1-domain": ["--norm", "l1", "--eps", "800"],  # the l1 diameter is 784
+    "eps-standardized-above-domain": ["--eps-units", "standardized", "--eps", "4"],  # 4·0.3081 > 1
+    "fast-too-few-images": ["--method", "fast"],  # 300 images, 500 would be held out
+}
+if not CUDA:
+    BAD_FLAGS["device-cuda-without-cuda"] = ["--device", "cuda"]
+
+
+@pytest.mark.parametrize("overwrite", [False, True], ids=["keep", "overwrite"])
+@pytest.mark.parametrize("case", sorted(BAD_FLAGS))
+def test_bad_flags(case: str, overwrite: bool, finished_run: tuple[Path, dict[str, bytes]], capsys) -> None:
+    argv = TRAIN + BAD_FLAGS[case] + ["--out", finished_run[0]] + (["--overwrite"] if overwrite else [])
+    assert_one_line_error(*run_main(argv, capsys)[::2])
+    check_untouched(finished_run)
+
+
+def test_bad_flags_name_the_problem(capsys) -> None:
+    """The message says which option is wrong and, for choices, what the valid ones are."""
+    line = assert_one_line_error(*run_main([*TRAIN, "--norm", "l3"], capsys)[::2])
+    assert "norm" in line and "'l3'" in line and "linf" in line
+    line = assert_one_line_error(*run_main([*TRAIN, "--lr", "nan"], capsys)[::2])
+    assert "--lr" in line and "finite" in line
+    line = assert_one_line_error(*run_main([*TRAIN, "--norm", "l2", "--eps", "30"], capsys)[::2])
+    assert "28" in line and "eps" in line  # the l2 diameter of the domain
+
+
+USAGE_ERRORS: dict[str, list[str]] = {
+    "epochs-not-int": [*TRAIN, "--epochs", "abc"],
+    "batch-size-float": [*TRAIN, "--batch-size", "1.5"],
+    "unknown-flag": [*TRAIN, "--bogus"],
+    "flag-without-value": [*TRAIN, "--eps"],
+    "unknown-command": ["frobnicate"],
+    "download-without-name": ["download"],
+}
+
+
+@pytest.mark.parametrize("case", sorted(USAGE_ERRORS))
+def test_usage_errors(case: str, capsys) -> None:
+    code, _, err = run_main(USAGE_ERRORS[case], capsys)
+    assert_usage_error(code, err)
+
+
+def test_download_unknown_name(tmp_path: Path, capsys) -> None:
+    line = assert_one_line_error(*run_main(["download", "imagenet", "--dest", tmp_path / "d"], capsys)[::2])
+    assert "imagenet" in line and "cifar10" in line
+    assert not (tmp_path / "d").exists()
+
+
+# ---------------------------------------------------------------- bad dataset files
+
+Writer = Callable[[Path], None]
+
+
+def _npz(name: str, **changes: np.ndarray | None) -> Writer:
+    def write(d: Path) -> None:
+        arrays = tiny_arrays((32, 32, 3) if name == "cifar10" else (28, 28))
+        arrays.update({k: v for k, v in changes.items() if v is not None})
+        for k in [k for k, v in changes.items() if v is None]:
+            del arrays[k]
+        write_npz(d / f"{name}.npz", arrays)
+
+    return write
+
+
+def _truncated_npz(d: Path) -> None:
+    path = write_npz(d / "fashion-mnist.npz", tiny_arrays())
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _idx(mutate: Callable[[dict[str, Path]], None], gz: bool = True) -> Writer:
+    def write(d: Path) -> None:
+        mutate(write_idx(d / "fashion-mnist", tiny_arrays(), gz=gz))
+
+    return write
+
+
+def _cifar(mutate: Callable[[Path], None]) -> Writer:
+    def write(d: Path) -> None:
+        mutate(write_cifar_bin(d / "cifar-10-batches-bin", tiny_arrays((32, 32, 3))))
+
+    return write
+
+
+def _truncate(p: Path, keep: int | None = None) -> None:
+    raw = p.read_bytes()
+    p.write_bytes(raw[: len(raw) // 2 if keep is None else keep])
+
+
+def _labels_idx(value: int) -> Callable[[dict[str, Path]], None]:
+    def mutate(paths: dict[str, Path]) -> None:
+        raw = bytearray(gzip.decompress(paths["y_train"].read_bytes()))
+        raw[-1] = value
+        paths["y_train"].write_bytes(gzip.compress(bytes(raw)))
+
+    return mutate
+
+
+rng = np.random.default_rng(1)
+nan_pixels = rng.random((30, 28, 28))
+nan_pixels[3, 4, 5] = np.nan
+
+BAD_DATA: dict[str, tuple[str, Writer]] = {
+    "npz-truncated": ("fashion-mnist", _truncated_npz),
+    "npz-garbage": ("fashion-mnist", lambda d: (d / "fashion-mnist.npz").write_bytes(os.urandom(2000))),
+    "npz-empty-file": ("fashion-mnist", lambda d: (d / "fashion-mnist.npz").write_bytes(b"")),
+    "npz-missing-array": ("fashion-mnist", _npz("fashion-mnist", y_test=None)),
+    "npz-wrong-shape": ("fashion-mnist", _npz("fashion-mnist", x_train=np.zeros((30, 27, 27), np.uint8))),
+    "npz-wrong-rank": ("fashion-mnist", _npz("fashion-mnist", x_train=np.zeros((30, 784), np.uint8))),
+    "npz-label-too-large": ("fashion-mnist", _npz("fashion-mnist", y_train=np.full(30, 10))),
+    "npz-label-negative": ("fashion-mnist", _npz("fashion-mnist", y_test=np.full(20, -1))),
+    "npz-label-float": ("fashion-mnist", _npz("fashion-mnist", y_train=np.zeros(30))),
+    "npz-label-count": ("fashion-mnist", _npz("fashion-mnist", y_train=np.zeros(29, np.int64))),
+    "npz-nan-pixels": ("fashion-mnist", _npz("fashion-mnist", x_train=nan_pixels)),
+    "npz-pixels-above-one": ("fashion-mnist", _npz("fashion-mnist", x_test=np.full((20, 28, 28), 255.0))),
+    "npz-int32-pixels": ("fashion-mnist", _npz("fashion-mnist", x_train=np.zeros((30, 28, 28), np.int32))),
+    "npz-empty-split": ("fashion-mnist", _npz("fashion-mnist", x_test=np.zeros((0, 28, 28), np.uint8))),
+    "npz-pickled-object": ("fashion-mnist", _npz("fashion-mnist", y_train=np.array([{"a": 1}] * 30, dtype=object))),
+    "npz-mnist-override-corrupt": ("mnist", lambda d: (d / "mnist.npz").write_bytes(b"PK\x03\x04broken")),
+    "npz-cifar-grayscale": ("cifar10", _npz("cifar10", x_train=np.zeros((30, 28, 28), np.uint8))),
+    "idx-gz-truncated": ("fashion-mnist", _idx(lambda p: _truncate(p["x_train"]))),
+    "idx-gz-not-gzip": ("fashion-mnist", _idx(lambda p: p["x_test"].write_bytes(b"not gzip at all"))),
+    "idx-raw-truncated": ("fashion-mnist", _idx(lambda p: _truncate(p["x_train"]), gz=False)),
+    "idx-raw-header-only": ("fashion-mnist", _idx(lambda p: _truncate(p["y_test"], keep=6), gz=False)),
+    "idx-bad-magic": ("fashion-mnist", _idx(lambda p: p["y_test"].write_bytes(b"\x08\x08\x08\x01" + bytes(24)), gz=False)),
+    "idx-label-out-of-range": ("fashion-mnist", _idx(_labels_idx(200))),
+    "idx-count-mismatch": (
+        "fashion-mnist",
+        _idx(lambda p: p["y_train"].write_bytes(gzip.compress(bytes([0, 0, 8, 1, 0, 0, 0, 3, 1, 2, 3])))),
+    ),
+    "cifar-bin-bad-size": ("cifar10", _cifar(lambda d: _truncate(d / "data_batch_2.bin", keep=3073 * 2 + 100))),
+    "cifar-bin-empty": ("cifar10", _cifar(lambda d: (d / "test_batch.bin").write_bytes(b""))),
+    "cifar-bin-missing-batch": ("cifar10", _cifar(lambda d: (d / "data_batch_3.bin").unlink())),
+    "cifar-bin-batch-is-dir": (
+        "cifar10",
+        _cifar(lambda d: ((d / "data_batch_4.bin").unlink(), (d / "data_batch_4.bin").mkdir())),
+    ),
+    "cifar-missing": ("cifar10", lambda d: None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_DATA))
+def test_bad_dataset_files(case: str, tmp_path: Path, finished_run: tuple[Path, dict[str, bytes]], capsys) -> None:
+    dataset, write = BAD_DATA[case]
+    data = tmp_path / "data"
+    data.mkdir()
+    write(data)
+    argv = [*TRAIN, "--dataset", dataset, "--data-dir", data, "--out", finished_run[0], "--overwrite"]
+    assert_one_line_error(*run_main(argv, capsys)[::2])
+    check_untouched(finished_run)
+
+
+MODEL_DATA_MISMATCH = {
+    "paper-mnist-on-cifar": ("cifar10", "paper-mnist"),
+    "paper-cifar-on-28x28": ("fashion-mnist", "paper-cifar"),
+    "resnet18-on-28x28": ("fashion-mnist", "resnet18"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MODEL_DATA_MISMATCH))
+def test_model_data_mismatch(case: str, tmp_path: Path, capsys) -> None:
+    dataset, model = MODEL_DATA_MISMATCH[case]
+    _npz(dataset)(tmp_path)  # a valid tiny dataset of the other shape
+    argv = [*TRAIN, "--dataset", dataset, "--data-dir", tmp_path, "--model", model, "--subset", "30", "--out", tmp_path / "run"]
+    line = assert_one_line_error(*run_main(argv, capsys)[::2])
+    assert model in line
+    assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------- bad checkpoints and run directories
+
+
+def _flip(offset_from_end: int) -> Callable[[Path], None]:
+    def tamper(p: Path) -> None:
+        raw = bytearray(p.read_bytes())
+        raw[-offset_from_end] ^= 0xFF
+        p.write_bytes(bytes(raw))
+
+    return tamper
+
+
+def _flip_header(p: Path) -> None:
+    raw = bytearray(p.read_bytes())
+    raw[12] ^= 0xFF  # inside the JSON header
+    p.write_bytes(bytes(raw))
+
+
+def _edit_hash(p: Path) -> None:
+    raw = p.read_bytes()
+    i = raw.index(b"content_sha256") + len(b'content_sha256":"')
+    digit = b"0" if raw[i : i + 1] != b"0" else b"1"
+    p.write_bytes(raw[:i] + digit + raw[i + 1 :])  # same length: a well-formed file with a wrong hash
+
+
+def _no_hash(p: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(3)}, str(p))
+
+
+def _incomplete(p: Path) -> None:
+    save_tensors(p, {"w": torch.zeros(3)}, {"unrelated": 1})  # valid hash, but not a training checkpoint
+
+
+def _as_dir(p: Path) -> None:
+    p.unlink()
+    p.mkdir()
+
+
+BAD_CHECKPOINTS: dict[str, Callable[[Path], None]] = {
+    "truncated": _truncate,
+    "truncated-to-8-bytes": lambda p: _truncate(p, keep=8),
+    "empty": lambda p: p.write_bytes(b""),
+    "garbage": lambda p: p.write_bytes(os.urandom(4096)),
+    "flipped-last-byte": _flip(1),
+    "flipped-data-byte": _flip(5000),
+    "flipped-header-byte": _flip_header,
+    "hash-edited": _edit_hash,
+    "no-content-hash": _no_hash,
+    "not-a-training-checkpoint": _incomplete,
+    "is-a-directory": _as_dir,
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CHECKPOINTS))
+def test_resume_bad_checkpoint(case: str, unfinished_run: Path, capsys) -> None:
+    BAD_CHECKPOINTS[case](unfinished_run / "checkpoint.safetensors")
+    before = snapshot(unfinished_run)
+    line = assert_one_line_error(*run_main([*TRAIN, "--out", unfinished_run, "--resume"], capsys)[::2])
+    assert "checkpoint.safetensors" in line
+    assert snapshot(unfinished_run) == before
+
+
+RUN_DIR_CONFLICTS: dict[str, tuple[list[str], Callable[[Path], None]]] = {
+    "resume-other-config": (["--resume", "--lr", "0.5"], lambda d: None),
+    "resume-other-seed": (["--resume", "--seed", "7"], lambda d: None),
+    "unfinished-without-resume": ([], lambda d: None),
+    "resume-corrupt-config-json": (["--resume"], lambda d: (d / "config.json").write_text("{not json")),
+    "resume-config-json-not-utf8": (["--resume"], lambda d: (d / "config.json").write_bytes(b"\xff\xfe\x00")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RUN_DIR_CONFLICTS))
+def test_run_dir_conflicts(case: str, unfinished_run: Path, capsys) -> None:
+    flags, prepare = RUN_DIR_CONFLICTS[case]
+    prepare(unfinished_run)
+    before = snapshot(unfinished_run)
+    assert_one_line_error(*run_main([*TRAIN, "--out", unfinished_run, *flags], capsys)[::2])
+    assert snapshot(unfinished_run) == before
+
+
+@pytest.mark.parametrize("flags", [[], ["--resume"], ["--resume", "--lr", "0.5"]], ids=["plain", "resume", "resume-other"])
+def test_finished_run_is_kept(flags: list[str], finished_run: tuple[Path, dict[str, bytes]], capsys) -> None:
+    line = assert_one_line_error(*run_main([*TRAIN, "--out", finished_run[0], *flags], capsys)[::2])
+    assert "finished" in line and "--overwrite" in line
+    check_untouched(finished_run)
+
+
+def test_out_is_a_file(tmp_path: Path, capsys) -> None:
+    target = tmp_path / "results.txt"
+    target.write_text("precious")
+    assert_one_line_error(*run_main([*TRAIN, "--out", target, "--overwrite"], capsys)[::2])
+    assert target.read_text() == "precious"
+
+
+# ---------------------------------------------------------------- bad config files
+
+BAD_TOML: dict[str, str | bytes] = {
+    "unknown-key": "eps = 0.1\nlearning_rate = 0.1\n",
+    "table-instead-of-keys": "[train]\neps = 0.1\n",
+    "eps-list": "eps = [1, 2]\n",
+    "eps-nan": "eps = nan\n",
+    "lr-inf": "lr = inf\n",
+    "epochs-string": 'epochs = "ten"\n',
+    "epochs-float": "epochs = 1.5\n",
+    "epochs-bool": "epochs = true\n",
+    "seed-negative": "seed = -1\n",
+    "batch-size-zero": "batch_size = 0\n",
+    "compile-string": 'compile = "yes"\n',
+    "dataset-int": "dataset = 5\n",
+    "norm-table": "[norm]\np = 2\n",
+    "out-int": "out = 5\n",
+    "data-dir-list": "data_dir = [1]\n",
+    "resume-string": 'resume = "no"\n',
+    "device-int": "device = 0\n",
+    "invalid-toml": "eps = = 3\n",
+    "unterminated-string": 'model = "mlp\n',
+    "binary-garbage": b"\xff\xfe\x00\x81garbage",
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_TOML))
+def test_bad_config_file(case: str, tmp_path: Path, finished_run: tuple[Path, dict[str, bytes]], capsys) -> None:
+    path = tmp_path / "cfg.toml"
+    text = BAD_TOML[case]
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    flags = [f for key, value in RUN_CONFIG.items() if key not in str(text) for f in (f"--{key}", str(value))]
+    argv = [
+        "train",
+        "--no-progress",
+        *flags,
+        "--config",
+        path,
+        "--out",
+        finished_run[0],
+        "--overwrite",
+    ]  # flags win over the file
+    line = assert_one_line_error(*run_main(argv, capsys)[::2])
+    assert "\n" not in line
+    check_untouched(finished_run)
+
+
+@pytest.mark.parametrize("case", ["missing", "directory"])
+def test_config_file_unreadable(case: str, tmp_path: Path, capsys) -> None:
+    path = tmp_path / "cfg.toml"
+    if case == "directory":
+        path.mkdir()
+    line = assert_one_line_error(*run_main([*TRAIN, "--config", path], capsys)[::2])
+    assert "cfg.toml" in line
+
+
+# ---------------------------------------------------------------- load_model: the library raises typed errors
+
+BAD_MODEL_DIRS: dict[str, tuple[type[RobustoptError], Callable[[Path], None]]] = {
+    "model-missing": (CheckpointError, lambda d: (d / "model.safetensors").unlink()),
+    "model-truncated": (CheckpointError, lambda d: _truncate(d / "model.safetensors")),
+    "model-flipped": (CheckpointError, lambda d: _flip(100)(d / "model.safetensors")),
+    "model-hash-edited": (CheckpointError, lambda d: _edit_hash(d / "model.safetensors")),
+    "model-garbage": (CheckpointError, lambda d: (d / "model.safetensors").write_bytes(os.urandom(100))),
+    "model-other-architecture": (CheckpointError, lambda d: _incomplete(d / "model.safetensors")),
+    "config-missing": (RunDirError, lambda d: (d / "config.json").unlink()),
+    "config-corrupt": (RunDirError, lambda d: (d / "config.json").write_text("{")),
+    "config-missing-field": (RunDirError, lambda d: _edit_json(d / "config.json", lambda c: c.pop("normalization"))),
+    "config-unknown-model": (RobustoptError, lambda d: _edit_json(d / "config.json", lambda c: c.update(model="vgg"))),
+    "config-wrong-type": (RunDirError, lambda d: _edit_json(d / "config.json", lambda c: c.update(input_shape=7))),
+    "config-not-an-object": (RunDirError, lambda d: (d / "config.json").write_text("[1, 2]")),
+    "dir-missing": (RunDirError, lambda d: shutil.rmtree(d)),
+}
+
+
+def _edit_json(path: Path, edit: Callable[[dict], object]) -> None:
+    cfg = json.loads(path.read_text())
+    edit(cfg)
+    path.write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("case", sorted(BAD_MODEL_DIRS))
+def test_load_model_bad_files(case: str, unfinished_run: Path) -> None:
+    kind, tamper = BAD_MODEL_DIRS[case]
+    tamper(unfinished_run)
+    with pytest.raises(kind) as info:
+        load_model(unfinished_run)
+    assert "\n" not in str(info.value) and str(info.value)
+
+
+def test_load_model_intact(finished_run: tuple[Path, dict[str, bytes]]) -> None:
+    """The control: the untampered run loads, so the failures above come from the tampering."""
+    model = load_model(finished_run[0])
+    assert not model.training
+
+
+# ---------------------------------------------------------------- the error path itself
+
+
+def test_unexpected_exception_is_one_line_internal_error(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    def boom(**kwargs: object) -> None:
+        raise RuntimeError("something broke\nsecond line")
+
+    monkeypatch.setattr(cli, "app", boom)
+    code, _, err = run_main(["train"], capsys)
+    assert code == 1 and "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert lines == ["robustopt: internal error: RuntimeError: something broke (rerun with --debug for the traceback)"]
+
+
+def test_os_error_is_one_line(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    def full(**kwargs: object) -> None:
+        raise OSError(28, "No space left on device", "/runs/x/checkpoint.safetensors")
+
+    monkeypatch.setattr(cli, "app", full)
+    line = assert_one_line_error(*run_main(["train"], capsys)[::2])
+    assert "No space left on device" in line
+
+
+# ---------------------------------------------------------------- real subprocesses
+
+SUBPROCESS_CASES: dict[str, list[str]] = {
+    "unknown-model": [*TRAIN, "--model", "vgg"],
+    "eps-nan": [*TRAIN, "--eps", "nan"],
+    "eps-above-domain": [*TRAIN, "--eps", "2"],
+    "truncated-npz": [*TRAIN, "--dataset", "fashion-mnist", "--data-dir", "{data}"],
+    "tampered-checkpoint": [*TRAIN, "--out", "{run}", "--resume"],
+    "download-unknown": ["download", "imagenet", "--dest", "{tmp}/dl"],
+    "bad-toml": [*TRAIN, "--config", "{tmp}/bad.toml"],
+}
+
+
+@pytest.fixture(scope="module")
+def subprocess_results(tmp_path_factory: pytest.TempPathFactory, finished_run: tuple[Path, dict[str, bytes]]) -> dict:
+    """Run every subprocess case (and one with --debug) concurrently; {case: CompletedProcess}."""
+    tmp = tmp_path_factory.mktemp("subprocess")
+    _truncated_npz(tmp)
+    run = tmp / "run"
+    shutil.copytree(finished_run[0], run)
+    (run / "summary.json").unlink()
+    _flip(1)(run / "checkpoint.safetensors")
+    (tmp / "bad.toml").write_text("eps = = 1\n")
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp / "cache"), "PYTHONWARNINGS": "ignore"}
+    env.pop("ROBUSTOPT_DATA", None)
+    cases = {**SUBPROCESS_CASES, "debug": ["--debug", *TRAIN, "--model", "vgg"]}
+
+    def launch(argv: list[str]) -> subprocess.CompletedProcess:
+        args = [str(a).format(data=tmp, run=run, tmp=tmp) for a in argv]
+        return subprocess.run([sys.executable, "-m", "robustopt", *args], capture_output=True, text=True, env=env, timeout=120)
+
+    with ThreadPoolExecutor(4) as pool:
+        return dict(zip(cases, pool.map(launch, cases.values()), strict=True))
+
+
+@pytest.mark.parametrize("case", sorted(SUBPROCESS_CASES))
+def test_subprocess(case: str, subprocess_results: dict) -> None:
+    res = subprocess_results[case]
+    assert_one_line_error(res.returncode, res.stderr)
+    assert res.returncode == 2
+
+
+def test_subprocess_debug_shows_traceback(subprocess_results: dict) -> None:
+    res = subprocess_results["debug"]
+    assert res.returncode == 2
+    assert "Traceback" in res.stderr and "ConfigError" in res.stderr
+    assert res.stderr.strip().splitlines()[-1].startswith("robustopt: error: unknown model 'vgg'")
