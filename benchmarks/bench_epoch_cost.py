@@ -1,0 +1,129 @@
+"""Epoch cost of each robust training method relative to standard training, side by side in one process.
+
+Run by hand (not collected by pytest)::
+
+    python benchmarks/bench_epoch_cost.py                    # paper-mnist, 10k images, 3 rounds
+    python benchmarks/bench_epoch_cost.py --threads 1 --rounds 5
+
+Every round trains one epoch of each method with :func:`robustopt.train.train` (same seed,
+same images, same batch size) and divides each epoch's training time (``train_seconds``: the
+loop only, without the test evaluation) by the standard epoch's of that round, so that slow
+phases of a shared machine hit numerator and denominator alike. The method order rotates
+between rounds. Reported: the median ratio over rounds with its range, the seconds per epoch,
+and the peak memory of the epoch: resident set size on CPU (``VmHWM`` after resetting it
+through ``/proc/self/clear_refs``), ``torch.cuda.max_memory_allocated`` on CUDA.
+
+``free`` does ``--replays`` optimiser steps per minibatch, so its epoch is also given per
+optimiser step: ratio / replays. ``fast`` holds 500 images out for its guard; it trains on the
+same number of images as the others (the subset is 500 larger).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import tempfile
+from pathlib import Path
+
+import torch
+
+from robustopt.config import TrainConfig
+from robustopt.train import pick_device, train
+
+METHODS = ("standard", "robust", "pgd", "free", "fast")
+
+
+def reset_peak(device: torch.device) -> float:
+    """Reset the peak-memory counter; returns the current usage in MiB."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device) / 2**20
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux)
+    except OSError:
+        pass
+    return _proc_status_mib("VmRSS")
+
+
+def peak(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return _proc_status_mib("VmHWM")
+
+
+def _proc_status_mib(key: str) -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def one_epoch(method: str, args: argparse.Namespace, out: Path, device: torch.device) -> tuple[float, float, float]:
+    """Train one epoch; returns (training seconds, peak MiB, MiB above the usage at the start)."""
+    subset = args.images + (500 if method == "fast" else 0)
+    cfg = TrainConfig(
+        model=args.model, method=method, eps=args.eps, epochs=1, subset=subset, batch_size=args.batch_size,
+        seed=0, replays=args.replays, amp=args.amp,
+    )  # fmt: skip
+    start = reset_peak(device)
+    summary = train(cfg, out / method, device=str(device), overwrite=True, progress_bar=False, log=lambda s: None)
+    top = peak(device)
+    return summary["train_seconds"], top, top - start
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="paper-mnist")
+    p.add_argument("--images", type=int, default=10_000, help="training images per epoch")
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--eps", type=float, default=0.1)
+    p.add_argument("--replays", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--amp", default="off", choices=("off", "bf16", "fp16"))
+    p.add_argument("--device", default="auto")
+    p.add_argument("--methods", default=",".join(METHODS))
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    methods = [m for m in args.methods.split(",") if m != "standard"]
+    print(f"# {datetime.date.today()}  {platform.processor() or platform.machine()}  cpus={os.cpu_count()}  ", end="")
+    print(f"threads={torch.get_num_threads()}  device={device}  torch={torch.__version__}  amp={args.amp}")
+    print(f"# {args.model}, {args.images} images/epoch, batch {args.batch_size}, eps {args.eps}, {args.rounds} rounds")
+    seconds: dict[str, list[float]] = {m: [] for m in ["standard", *methods]}
+    memory: dict[str, float] = {}
+    extra: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        one_epoch("standard", args, Path(tmp), device)  # warm-up: imports, allocator, oneDNN kernels
+        for r in range(args.rounds):
+            order = ["standard", *methods]
+            order = order[r % len(order) :] + order[: r % len(order)]
+            for m in order:
+                s, top, above = one_epoch(m, args, Path(tmp), device)
+                seconds[m].append(s)
+                memory[m], extra[m] = max(memory.get(m, 0.0), top), max(extra.get(m, 0.0), above)
+            print(f"round {r + 1}: " + "  ".join(f"{m} {seconds[m][-1]:.2f}s" for m in order), flush=True)
+    print(f"\n{'method':<10}{'s/epoch':>9}{'ratio':>8}{'range':>15}{'per step':>10}{'peak MiB':>10}{'+MiB':>8}")
+    for m in ["standard", *methods]:
+        ratios = [a / b for a, b in zip(seconds[m], seconds["standard"], strict=True)]
+        med = statistics.median(ratios)
+        per_step = f"{med / args.replays:.2f}" if m == "free" else ""
+        print(
+            f"{m:<10}{statistics.median(seconds[m]):>9.2f}{med:>8.2f}{f'{min(ratios):.2f}-{max(ratios):.2f}':>15}"
+            f"{per_step:>10}{memory[m]:>10.0f}{extra[m]:>8.0f}"
+        )
+    print(f"\n(free: {args.replays} optimiser steps per minibatch; 'per step' = ratio / replays)")
+
+
+if __name__ == "__main__":
+    main()
