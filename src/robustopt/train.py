@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import platform
 import time
 from collections.abc import Callable, Iterator
@@ -198,6 +199,8 @@ def train(
         dev = torch.device("cuda", info.local_rank)
         torch.cuda.set_device(dev)
     if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS is deterministic only with a fixed workspace
+        torch.backends.cudnn.benchmark = False
         torch.use_deterministic_algorithms(True, warn_only=True)
     out = Path(out)
     data = load_dataset(cfg.dataset, data_dir).subset(cfg.subset)
