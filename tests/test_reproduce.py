@@ -1,0 +1,212 @@
+"""``robustopt reproduce``: a tiny plan end to end, reuse and resume, and the claims computed from numbers."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from robustopt.cli import main
+from robustopt.errors import ConfigError, RunDirError
+from robustopt.report import claims, compare, sanity
+from robustopt.reproduce import Schedule, load_schedule, reproduce, run_dir
+
+TINY = dict(
+    nets=("baseline", "robust-linf"),
+    radii={"linf": 0.2, "l2": 2.0},
+    subset=1000,
+    epochs=1,
+    lr=0.05,
+    eval_n=100,
+    transfer_scales=(1.0,),
+    attack_steps=2,
+    curve_norms=("linf",),
+    curve_scales=(1.0, 8.0),
+    curve_n=50,
+    curve_steps=2,
+    minimal_n=20,
+    deepfool_steps=10,
+    examples=3,
+    sanity_n=20,
+    sanity_nets=("robust-linf",),
+)
+
+
+def quiet(_: str) -> None:
+    pass
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, Schedule]:
+    out = tmp_path_factory.mktemp("reproduce")
+    schedule = Schedule(**TINY)
+    results = reproduce(schedule, out, progress=False, log=quiet)
+    return out, results, schedule
+
+
+def test_end_to_end_outputs(tiny: tuple[Path, dict, Schedule]) -> None:
+    out, results, schedule = tiny
+    for name in ("report.md", "results.json", "accuracy_vs_eps.png", "minimal_perturbations.png", "examples.png"):
+        assert (out / name).is_file(), name
+    for png in out.glob("*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size < 200_000
+    saved = json.loads((out / "results.json").read_text())  # strict JSON round trip
+    assert set(saved["nets"]) == {"baseline", "robust-linf"}
+    assert len(saved["transfer_sets"]) == 2  # 2 norms × 1 scale
+    assert saved["radii"]["linf"]["pixel"] == pytest.approx(0.2 * 0.3081)
+    assert schedule.train_config("robust-linf").pixel_eps == pytest.approx(saved["radii"]["linf"]["pixel"])
+    report = (out / "report.md").read_text()
+    assert "| test set | baseline | robust-linf |" in report
+    assert "| attack against the net itself | baseline | robust-linf |" in report
+    assert "| DeepFool minimal perturbation | baseline | robust-linf |" in report
+    assert "| clean, paper (authors' code) | 99.09 | 99.34 |" in report
+    assert "## Which of the paper's claims this run supports" in report
+    checks = {name: {c["check"].split(",")[0] for c in saved["sanity"][name]} for name in saved["nets"]}
+    assert {"evaluator: large_eps", "evaluator: more_steps", "PGD ≤ single-step", "white-box ≤ transfer"} <= checks["robust-linf"]
+    assert {"PGD ≤ single-step", "white-box ≤ transfer"} <= checks["baseline"]  # sanity_nets: no evaluator checks here
+    assert not any(c.startswith("evaluator") for c in checks["baseline"])
+    assert saved["nets"]["robust-linf"]["eval"]["sanity"]["norm"] == "linf"
+
+
+def test_numbers_are_consistent(tiny: tuple[Path, dict, Schedule]) -> None:
+    out, results, _ = tiny
+    for name, net in results["nets"].items():
+        summary = json.loads((run_dir(out, name) / "summary.json").read_text())
+        assert net["test_acc"] == summary["test_acc"]
+        ev = net["eval"]
+        # a transfer set against the baseline is the baseline's own single-step white-box attack
+        if name == "baseline":
+            for norm in ("linf", "l2"):
+                assert ev["transfer"][f"{norm}@1"] == pytest.approx(ev["whitebox"][norm]["fgsm"])
+        for wb in ev["whitebox"].values():
+            assert 0 <= wb["pgd"] <= ev["clean"] + 0.02
+        curve = ev["curves"]["linf"]
+        assert curve[0][0] == 0 and [e for e, _ in curve] == sorted(e for e, _ in curve)
+        m = ev["minimal"]["l2"]
+        found = [d for d in m["dists"] if d is not None]
+        assert m["found_fraction"] == pytest.approx(len(found) / len(m["dists"]))
+        if found:
+            assert m["mean"] == pytest.approx(sum(found) / len(found), rel=1e-5)
+
+
+def test_second_invocation_reuses_runs_and_evaluations(tiny: tuple[Path, dict, Schedule]) -> None:
+    out, first, schedule = tiny
+    models = {p: os.stat(p).st_mtime_ns for p in (out / "runs").glob("*/model.safetensors")}
+    evals = {p: os.stat(p).st_mtime_ns for p in (out / "eval").glob("*.json")}
+    lines: list[str] = []
+    again = reproduce(schedule, out, progress=False, log=lines.append)
+    assert len(models) == 2 and {p: os.stat(p).st_mtime_ns for p in models} == models
+    assert {p: os.stat(p).st_mtime_ns for p in evals} == evals
+    assert all(net["status"] == "reused" for net in again["nets"].values())
+    assert sum("evaluation reused" in line for line in lines) == 2
+    assert again["nets"]["robust-linf"]["eval"] == first["nets"]["robust-linf"]["eval"]
+
+
+def test_unfinished_run_is_resumed_and_changed_schedule_refused(tiny: tuple[Path, dict, Schedule]) -> None:
+    out, _, schedule = tiny
+    (run_dir(out, "robust-linf") / "summary.json").unlink()  # as if killed after its last checkpoint
+    again = reproduce(schedule, out, progress=False, log=quiet)
+    assert again["nets"]["robust-linf"]["status"] == "resumed"
+    assert (run_dir(out, "robust-linf") / "summary.json").is_file()
+    with pytest.raises(RunDirError, match="different schedule"):
+        reproduce(Schedule(**{**TINY, "epochs": 2}), out, progress=False, log=quiet)
+
+
+# ----------------------------------------------------------------------------- claims from synthetic numbers
+
+
+def _net(test_acc: float, transfer: float, pgd: float, median: float, fgsm: float | None = None, norm: str | None = None) -> dict:
+    wb = {"eps": 0.06, "pgd": pgd, **({"fgsm": fgsm} if fgsm is not None else {})}
+    ev = {
+        "n": 1000,
+        "clean": test_acc,
+        "transfer": {"linf@1": transfer},
+        "whitebox": {"linf": wb},
+        "minimal": {"l2": {"median": median}},
+        "curves": {},
+    }
+    return {"test_acc": test_acc, "norm": norm, "eval": ev}
+
+
+def _results(robust: dict) -> dict:
+    sets = {"linf@1": {"norm": "linf", "scale": 1.0, "eps": 0.06}}
+    return {"nets": {"baseline": _net(0.99, 0.30, 0.05, 1.0), "robust-linf": robust}, "transfer_sets": sets, "n_test": 10000}
+
+
+def _verdicts(results: dict) -> dict[str, dict]:
+    return {c["claim"].split(":")[0]: c for c in claims(results)}
+
+
+def test_claims_say_when_the_robust_net_loses() -> None:
+    v = _verdicts(_results(_net(0.95, 0.10, 0.01, 0.5, fgsm=0.9, norm="linf")))
+    assert v["resists adversarial examples made against the baseline"]["verdict"] == "not supported"
+    assert "does NOT beat the baseline" in v["resists adversarial examples made against the baseline"]["text"]
+    assert v["harder to generate"]["verdict"] == "not supported"
+    assert v["clean accuracy does not suffer"]["verdict"] == "not supported"
+    assert "LOWER" in v["clean accuracy does not suffer"]["text"]
+    assert v["single-step robustness holds up under PGD (later work"]["verdict"] == "not supported"
+
+
+def test_claims_supported_when_the_robust_net_wins() -> None:
+    v = _verdicts(_results(_net(0.993, 0.80, 0.60, 2.0, fgsm=0.65, norm="linf")))
+    assert {c["verdict"] for c in v.values()} == {"supported"}
+    assert "higher than the baseline" in v["clean accuracy does not suffer"]["text"]
+
+
+def test_differences_within_noise_are_not_wins() -> None:
+    # 99.10 vs 99.09 on 10k images: far inside two standard errors
+    assert compare(0.9910, 0.9909, 10000, 10000) == 0
+    assert compare(0.99, 0.95, 10000, 10000) == 1 and compare(0.95, 0.99, 10000, 10000) == -1
+    v = _verdicts(_results(_net(0.9910, 0.31, 0.06, 1.0)))
+    assert v["resists adversarial examples made against the baseline"]["verdict"] == "not supported"
+    assert "within noise" in v["resists adversarial examples made against the baseline"]["text"]
+    assert v["clean accuracy does not suffer"]["verdict"] == "supported"
+    assert "does not improve" in v["clean accuracy does not suffer"]["text"]
+
+
+def test_sanity_flags_pgd_weaker_than_single_step_and_no_collapse() -> None:
+    ev = {
+        "clean": 0.9,
+        "transfer": {"linf@1": 0.5},
+        "whitebox": {"linf": {"eps": 0.1, "pgd": 0.7, "fgsm": 0.4}},
+        "curves": {"linf": [[0.0, 0.9], [0.1, 0.7], [0.5, 0.6]]},
+    }
+    failed = {c["check"].split(",")[0] for c in sanity(ev) if not c["passed"]}
+    assert failed == {"PGD ≤ single-step", "white-box ≤ transfer", "≈0 at large ε"}
+    ev["whitebox"]["linf"]["pgd"], ev["curves"]["linf"][-1][1] = 0.3, 0.0
+    assert all(c["passed"] for c in sanity(ev))
+
+
+# ----------------------------------------------------------------------------- schedules and the CLI
+
+
+def test_schedules_and_config_overrides(tmp_path: Path) -> None:
+    quick, full = load_schedule("mnist", True, None), load_schedule("mnist", False, None)
+    assert quick.net_names() == full.net_names()
+    assert full.pixel_radius("l2") == pytest.approx(0.6162) and full.pixel_radius("l1") == pytest.approx(0.6162)
+    assert full.train_config("pgd-linf").inner_steps == full.pgd_steps
+    assert full.train_config("goodfellow-linf").clean_weight == 0.5
+    cifar = load_schedule("cifar10", True, None)
+    assert "resnet18/robust-l2" in cifar.net_names() and cifar.train_config("resnet18/robust-l2").model == "resnet18"
+    cfg = tmp_path / "s.toml"
+    cfg.write_text('epochs = 3\nnets = ["baseline", "robust-l2"]\n')
+    s = load_schedule("mnist", True, cfg)
+    assert s.epochs == 3 and s.nets == ("baseline", "robust-l2") and s.subset == quick.subset
+    for bad in ('nets = ["robust-l2"]', 'nets = ["baseline", "robust-l7"]', "epochs = 0", "colour = 1", 'lr = "fast"'):
+        cfg.write_text(bad + "\n")
+        with pytest.raises(ConfigError):
+            load_schedule("mnist", False, cfg)
+    with pytest.raises(ConfigError, match="mnist and cifar10"):
+        load_schedule("imagenet", False, None)
+
+
+def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text('nets = ["robust-l2"]\n')
+    with pytest.raises(SystemExit) as e:
+        main(["reproduce", "mnist", "--config", str(cfg), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith("robustopt: error:") and "baseline" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o").exists()
