@@ -9,14 +9,17 @@ are byte-identical: a bad invocation never destroys earlier results.
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -45,13 +48,36 @@ def run_main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, 
     return (0 if code is None else code if isinstance(code, int) else 1), out, err
 
 
-def assert_one_line_error(code: int, err: str) -> str:
-    """Non-zero exit, no traceback, exactly one ``robustopt: error:`` line on stderr and nothing else."""
+def _list_errors() -> ModuleType:
+    """scripts/list_errors.py, imported from its path."""
+    spec = importlib.util.spec_from_file_location("list_errors", Path(__file__).parents[1] / "scripts" / "list_errors.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["list_errors"] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module
+
+
+def _documented_messages() -> list[re.Pattern[str]]:
+    """The messages of docs/errors.md, from scripts/list_errors.py, as patterns ({...} matches anything)."""
+    module = _list_errors()
+    return [re.compile(".*".join(re.escape(p) for p in re.split(r"\{[^{}]*\}", m.text)), re.S) for m in module.collect()]
+
+
+DOCUMENTED = _documented_messages()
+
+
+def assert_one_line_error(code: int, err: str, documented: bool = True) -> str:
+    """Non-zero exit, no traceback, exactly one ``robustopt: error:`` line on stderr and nothing else.
+
+    With ``documented``, the message must also be one that scripts/list_errors.py extracts from the source.
+    """
     assert code != 0, err
     assert "Traceback" not in err, err
     lines = [s for s in err.splitlines() if s.strip()]
     assert len(lines) == 1 and lines[0].startswith("robustopt: error: "), err
     assert "internal error" not in lines[0]
+    message = lines[0].removeprefix("robustopt: error: ")
+    assert not documented or any(t.fullmatch(message) for t in DOCUMENTED), f"not in docs/errors.md: {message}"
     return lines[0]
 
 
@@ -536,7 +562,7 @@ def test_os_error_is_one_line(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
         raise OSError(28, "No space left on device", "/runs/x/checkpoint.safetensors")
 
     monkeypatch.setattr(cli, "app", full)
-    line = assert_one_line_error(*run_main(["train"], capsys)[::2])
+    line = assert_one_line_error(*run_main(["train"], capsys)[::2], documented=False)
     assert "No space left on device" in line
 
 
@@ -584,3 +610,13 @@ def test_subprocess_debug_shows_traceback(subprocess_results: dict) -> None:
     assert res.returncode == 2
     assert "Traceback" in res.stderr and "ConfigError" in res.stderr
     assert res.stderr.strip().splitlines()[-1].startswith("robustopt: error: unknown model 'vgg'")
+
+
+def test_error_list_is_complete_and_one_line() -> None:
+    """scripts/list_errors.py finds the messages (at least one per error class) and each is a single line."""
+    module = _list_errors()
+    messages = module.collect()
+    assert len(messages) >= 50
+    assert {"ConfigError", "DataError", "CheckpointError", "RunDirError"} <= {m.kind for m in messages}
+    assert all(m.text.strip() and "\n" not in m.text for m in messages), [m for m in messages if "\n" in m.text]
+    assert "## `threat.py`" in module.markdown(messages)  # ThreatModel.check_fits: eps larger than the domain
