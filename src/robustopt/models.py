@@ -55,7 +55,7 @@ class _FoldInputGradConv(torch.autograd.Function):
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
             b, o, h, w = grad_out.shape
-            cols = torch.matmul(weight.reshape(o, -1).t(), grad_out.reshape(b, o, h * w))  # (B, C·k·k, L)
+            cols = torch.matmul(weight.detach().reshape(o, -1).t(), grad_out.reshape(b, o, h * w))  # (B, C·k·k, L)
             gx = F.fold(cols, x.shape[-2:], weight.shape[-2:])
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             mask = [False, ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
