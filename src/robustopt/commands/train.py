@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +76,8 @@ def train_command(
         overwrite=overwrite or bool(runtime.get("overwrite")),
         progress_bar=progress,
     )
-    typer.echo(f"saved {run_dir}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
+        typer.echo(f"saved {run_dir}")
 
 
 def register(app: typer.Typer) -> None:
