@@ -80,7 +80,7 @@ def examples_grid(results: dict[str, Any], examples: dict[str, dict[str, Any]], 
     k = min(len(examples[n]["pred"]) for n in names)
     x = to_float(data.x_test[:k]).numpy()
     y = data.y_test[:k].numpy()
-    fig, axes = plt.subplots(len(names) + 1, k, figsize=(1.0 * k + 1.2, 1.05 * (len(names) + 1)), squeeze=False)
+    fig, axes = plt.subplots(len(names) + 1, k, figsize=(0.8 * k + 1.0, 0.85 * (len(names) + 1)), squeeze=False)
     for j in range(k):
         _show(axes[0][j], x[j], f"label {y[j]}", False)
         for i, name in enumerate(names, 1):
@@ -91,7 +91,7 @@ def examples_grid(results: dict[str, Any], examples: dict[str, dict[str, Any]], 
         eps = float(examples[name]["eps"])
         axes[i][0].set_ylabel(f"{name}\nε={eps:.3g}", fontsize=6)
     fig.tight_layout(pad=0.3)
-    fig.savefig(path, dpi=DPI)
+    fig.savefig(path, dpi=72)
     plt.close(fig)
 
 

@@ -167,7 +167,7 @@ def claim_harder(name: str, nets: dict[str, Any]) -> list[dict[str, Any]]:
     wins = sum(c > 0 for c in cmp.values())
     text = "; ".join(
         f"PGD {NORM_LABEL[nrm]}: {pct(ev['whitebox'][nrm]['pgd'])}% vs baseline {pct(base['whitebox'][nrm]['pgd'])}%"
-        + ("" if c > 0 else " (NOT above the baseline)")
+        + {1: "", 0: " (within noise: NOT above the baseline)", -1: " (lower: NOT above the baseline)"}[c]
         for nrm, c in cmp.items()
     )
     out.append(
