@@ -111,11 +111,13 @@ def evaluate(
     partial_path: str | Path | None = None,
     sanity: bool = True,
     sanity_n: int = 200,
+    sanity_options: dict[str, Any] | None = None,
     attack_kwargs: dict[str, Any] | None = None,
     log: Log = _stderr,
 ) -> dict[str, Any]:
     """Evaluate ``model`` on (x (N, C, H, W) in the box, y (N,)) under ``attack`` within ``threat``.
 
+    ``sanity_options`` go to :func:`robustopt.sanity.run_checks` (steps, queries, tol, ...).
     ``attack`` is a name of :data:`robustopt.attacks.ATTACKS` or a callable
     ``(model, x, y, threat) -> x_adv``. ``device`` defaults to the model's; if given, the
     model(s) are moved there. Returns a dict with clean_accuracy, adversarial_accuracy,
@@ -147,14 +149,25 @@ def evaluate(
     if sanity:
         whitebox_only = name not in GRADIENT_FREE
         result["sanity"] = _sanity(
-            model, x, y, threat, robust_mask, source_model is not None, whitebox_only, sanity_n, seed, dev, log
+            model,
+            x,
+            y,
+            threat,
+            robust_mask,
+            source_model is not None,
+            whitebox_only,
+            sanity_n,
+            seed,
+            dev,
+            log,
+            sanity_options or {},
         )
     result["seconds"] = time.time() - t0
     result["robust_mask"] = robust_mask
     return result
 
 
-def _sanity(model, x, y, threat, robust_mask, transfer, whitebox_only, n, seed, dev, log) -> dict[str, dict[str, Any]]:
+def _sanity(model, x, y, threat, robust_mask, transfer, whitebox_only, n, seed, dev, log, options) -> dict[str, dict[str, Any]]:
     """Run the sanity checks on the first ``n`` examples and print failures loudly.
 
     The evaluated attack's mask joins the white-box side of the white-box ≤ black-box check
@@ -170,6 +183,7 @@ def _sanity(model, x, y, threat, robust_mask, transfer, whitebox_only, n, seed, 
         evaluated=None if transfer or not whitebox_only else mask,
         transfer=mask if transfer else None,
         generator=torch.Generator(device=dev).manual_seed(seed + 7),
+        **options,
     )
     sanity_checks.report_failures(checks, log)
     return checks

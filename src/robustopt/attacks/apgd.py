@@ -39,7 +39,7 @@ def checkpoints(n_iter: int) -> list[int]:
     p = [0.0, 0.22]
     while p[-1] < 1:
         p.append(p[-1] + max(p[-1] - p[-2] - 0.03, 0.06))
-    return sorted({math.ceil(q * n_iter) for q in p[1:] if q < 1})
+    return sorted({math.ceil(round(q * n_iter, 6)) for q in p[1:] if q < 1})  # round: 0.57·100 is 57.000000001
 
 
 def _step(threat: ThreatModel, x: Tensor, x_k: Tensor, x_prev: Tensor, grad: Tensor, eta: Tensor, eps: Tensor, alpha: float):

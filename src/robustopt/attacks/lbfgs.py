@@ -37,7 +37,7 @@ def _solve(model: nn.Module, x: Tensor, target: Tensor, c: Tensor, bounds: tuple
         r = torch.from_numpy(r_flat).to(x.device, x.dtype).view(shape).requires_grad_(True)
         loss = (c * r.flatten(1).pow(2).sum(1)).sum() + F.cross_entropy(model(x + r).float(), target, reduction="sum")
         (grad,) = torch.autograd.grad(loss, r)
-        return float(loss), grad.detach().cpu().double().numpy().ravel()
+        return float(loss.detach()), grad.detach().cpu().double().numpy().ravel()
 
     x_np = x.detach().cpu().double().numpy().ravel()
     box = Bounds(bounds[0] - x_np, bounds[1] - x_np)
