@@ -46,14 +46,14 @@ def _distances(threat: ThreatModel, model: nn.Module, x: Tensor, y: Tensor, x_ad
     return torch.where(predict(model, x) != y, torch.zeros_like(d), d)
 
 
-def _binary_search(model, x, y, threat: ThreatModel, search_steps: int, steps: int, restarts: int, generator) -> Tensor:
+def _binary_search(model, x, y, threat: ThreatModel, search_steps: int, steps: int, restarts: int, generator, loss) -> Tensor:
     """Per-example bisection of ε in [0, diameter] with PGD; the smallest adversarial norm found."""
     hi = torch.full((len(y),), diameter(threat, x), device=x.device)
     lo = torch.zeros_like(hi)
     best = torch.full_like(hi, math.inf)
     for _ in range(search_steps + 1):
         mid = torch.where(torch.isinf(best), hi, (lo + hi) / 2)  # first round: the largest ε
-        x_adv = pgd(model, x, y, threat, steps=steps, restarts=restarts, generator=generator, eps=mid)
+        x_adv = pgd(model, x, y, threat, steps=steps, restarts=restarts, generator=generator, eps=mid, loss=loss)
         d = _distances(threat, model, x, y, x_adv)
         found = torch.isfinite(d)
         best = torch.minimum(best, d)
@@ -72,12 +72,17 @@ def minimal_perturbations(
     steps: int | None = None,
     restarts: int = 1,
     search_steps: int = 10,
+    loss: str = "margin",
     batch_size: int = 500,
     bounds: tuple[float, float] = (0.0, 1.0),
     seed: int = 0,
     progress: bool = False,
 ) -> Tensor:
-    """Minimal adversarial distances (N,) in ``norm``; 0 if misclassified, inf if not found."""
+    """Minimal adversarial distances (N,) in ``norm``; 0 if misclassified, inf if not found.
+
+    The pgd method ascends the margin loss by default: its ascent direction is the normal of
+    the nearest class boundary, where cross-entropy mixes all classes and can miss it.
+    """
     if method not in METHODS:
         raise ConfigError(f"unknown stability method {method!r}: choose one of {', '.join(METHODS)}")
     threat = ThreatModel(norm, 0.0, bounds)
@@ -90,7 +95,7 @@ def minimal_perturbations(
             out.append(_distances(threat, model, xb, yb, xa).cpu())
         else:
             gen = torch.Generator(device=dev).manual_seed(seed + start)
-            out.append(_binary_search(model, xb, yb, threat, search_steps, steps or 20, restarts, gen).cpu())
+            out.append(_binary_search(model, xb, yb, threat, search_steps, steps or 20, restarts, gen, loss).cpu())
     return torch.cat(out)
 
 
