@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -42,3 +43,12 @@ def standard_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def robust_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A paper-mnist run trained with method=robust, linf eps 0.2, on 6k images for one epoch."""
     return _train(tmp_path_factory.mktemp("robust"), "robust")
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One intra-op thread for a module: on an oversubscribed machine two spinning OpenMP threads are ~10x slower."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)

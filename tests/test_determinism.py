@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,14 +26,7 @@ from robustopt.train import batches, train
 # paper-mnist with PGD from random starts: initialisation, data order and the attack generator all matter.
 BASE = {"model": "paper-mnist", "method": "pgd", "steps": 2, "eps": 0.1, "epochs": 1, "batch_size": 50}
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """One intra-op thread: on an oversubscribed machine two spinning OpenMP threads are 10x slower here."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import ModuleType
@@ -34,6 +34,8 @@ from robustopt.runs import load_model, save_tensors
 TRAIN = ["train", "--model", "mlp", "--subset", "300", "--epochs", "1", "--no-progress"]
 RUN_CONFIG = {"model": "mlp", "subset": 300, "epochs": 1}  # what TRAIN means, as TrainConfig fields
 CUDA = torch.cuda.is_available()
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------- helpers
@@ -98,15 +100,6 @@ def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("ROBUSTOPT_DATA", raising=False)
     monkeypatch.delenv("ROBUSTOPT_DEBUG", raising=False)
     monkeypatch.chdir(tmp_path)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """One intra-op thread: on an oversubscribed machine two spinning OpenMP threads are 10x slower."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 @pytest.fixture(scope="module")
