@@ -151,3 +151,26 @@ def test_bf16_autocast_trains_an_epoch_on_cpu(tmp_path: Path, monkeypatch: pytes
     assert dtypes == {torch.bfloat16}
     assert summary["test_acc"] > 0.5  # chance is 0.1; fp32 reaches about 0.75 here
     assert load_model(tmp_path).features[3].weight.dtype == torch.float32  # master weights stay fp32
+
+
+@pytest.mark.parametrize(("norm", "eps", "alpha"), [("linf", 0.1, 0.5), ("l2", 1.5, 0.3), ("l1", 2.0, 0.5)])
+def test_goodfellow_one_forward_step_equals_the_two_pass_definition(norm: str, eps: float, alpha: float, mnist: Dataset) -> None:
+    """The one-forward Goodfellow step updates θ exactly as α·J(x) + (1−α)·J(perturb(x)) with a separate attack pass."""
+    from robustopt.perturb import perturb
+
+    x, y = to_float(mnist.x_train[:48]), mnist.y_train[:48]
+    fast_model, ref_model = _mnist_model(), _mnist_model()
+    cfg = TrainConfig(method="goodfellow", norm=norm, eps=eps, alpha=alpha)
+    opt = torch.optim.SGD(fast_model.parameters(), lr=0.1, momentum=0.9)
+    ctx = StepContext(fast_model, fast_model, opt, ThreatModel(norm, eps), cfg, torch.Generator().manual_seed(0))
+    loss, _ = train_step(ctx, x, y)
+
+    ref_opt = torch.optim.SGD(ref_model.parameters(), lr=0.1, momentum=0.9)
+    x_adv = perturb(ref_model, x, y, ThreatModel(norm, eps))
+    ref_loss = alpha * F.cross_entropy(ref_model(x), y) + (1 - alpha) * F.cross_entropy(ref_model(x_adv), y)
+    ref_opt.zero_grad()
+    ref_loss.backward()
+    ref_opt.step()
+    assert loss == pytest.approx(float(ref_loss.detach()), rel=1e-5)
+    for (name, p), q in zip(fast_model.named_parameters(), ref_model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)

@@ -7,10 +7,11 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
+from robustopt.claims import claims, compare, median_ratio_interval, sanity
 from robustopt.cli import main
 from robustopt.errors import ConfigError, RunDirError
-from robustopt.report import claims, compare, sanity
 from robustopt.reproduce import Schedule, load_schedule, reproduce, run_dir
 
 TINY = dict(
@@ -164,6 +165,29 @@ def test_differences_within_noise_are_not_wins() -> None:
     assert "within noise" in v["resists adversarial examples made against the baseline"]["text"]
     assert v["clean accuracy does not suffer"]["verdict"] == "supported"
     assert "does not improve" in v["clean accuracy does not suffer"]["text"]
+
+
+def test_distance_claim_needs_the_bootstrap_interval_above_one() -> None:
+    """A 2% larger median over ~500 spread-out distances (the full MNIST run's robust-l1) is noise; ×1.3 is not."""
+    rng = torch.Generator().manual_seed(0)
+    base = (1.65 * torch.exp(0.3 * torch.randn(495, generator=rng))).tolist()
+    close = (1.69 * torch.exp(0.3 * torch.randn(495, generator=rng))).tolist()
+    far = (2.15 * torch.exp(0.3 * torch.randn(495, generator=rng))).tolist()
+    lo, hi = median_ratio_interval(close, base)
+    assert lo < 1 < hi
+    lo, hi = median_ratio_interval(far, base)
+    assert 1.15 < lo < hi < 1.5
+    assert median_ratio_interval(far, base) == (lo, hi)  # fixed seed: same report every time
+    for dists, verdict in ((close, "not supported"), (far, "supported")):
+        robust = _net(0.99, 0.30, 0.05, float(torch.tensor(dists).median()))
+        robust["eval"]["minimal"]["l2"]["dists"] = dists
+        res = _results(robust)
+        res["nets"]["baseline"]["eval"]["minimal"]["l2"]["dists"] = base
+        claim = next(c for c in claims(res) if c["claim"].startswith("harder to generate: median"))
+        assert claim["verdict"] == verdict, claim["text"]
+        assert "bootstrap interval" in claim["text"]
+    # a lost example (None: not found) counts as infinitely far, never as a failure of the net
+    assert median_ratio_interval([None] * 10, [1.0] * 10)[0] == float("inf")
 
 
 def test_sanity_flags_pgd_weaker_than_single_step_and_no_collapse() -> None:

@@ -64,6 +64,7 @@ class TrainConfig:
     schedule: str = "constant"
     lr_step: int = 25  # "step" schedule: halve the lr every lr_step epochs
     subset: int | None = None
+    test_subset: int | None = None  # per-epoch test accuracy on the first N test images (None: all of them)
     seed: int = 0
     amp: str = "off"
     compile: bool = False
@@ -109,7 +110,7 @@ class TrainConfig:
 
     def training_keys(self) -> dict[str, Any]:
         """The keys that must match for ``--resume`` to continue a run."""
-        ignore = {"checkpoint_minutes"}
+        ignore = {"checkpoint_minutes", "test_subset"}  # neither changes the weights
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in ignore}
 
     # -- validation -----------------------------------------------------------------
@@ -132,8 +133,9 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, _integer(name.replace("_", "-"), value, minimum=1))
-        if self.subset is not None:
-            self.subset = _integer("subset", self.subset, minimum=1)
+        for name in ("subset", "test_subset"):
+            if getattr(self, name) is not None:
+                setattr(self, name, _integer(name.replace("_", "-"), getattr(self, name), minimum=1))
         self.seed = _integer("seed", self.seed, minimum=0)
         self.lr = _number("lr", self.lr, minimum=0.0, strict=True)
         self.momentum = _number("momentum", self.momentum, minimum=0.0, maximum=1.0)

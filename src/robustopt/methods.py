@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from robustopt.config import TrainConfig
-from robustopt.perturb import perturb
+from robustopt.perturb import ascend, perturb
 from robustopt.threat import ThreatModel
 
 Tensor = torch.Tensor
@@ -51,14 +51,15 @@ class StepContext:
         return torch.autocast(device_type, dtype=self.amp_dtype)
 
 
-def _update(ctx: StepContext, loss: Tensor) -> None:
+def _update(ctx: StepContext, loss: Tensor, params: list[Tensor] | None = None) -> None:
+    """Backward and one optimiser step; ``params`` limits the backward pass to the weights (skips ∇ₓ)."""
     ctx.optimizer.zero_grad(set_to_none=True)
     if ctx.scaler is not None:
-        ctx.scaler.scale(loss).backward()
+        ctx.scaler.scale(loss).backward(inputs=params)
         ctx.scaler.step(ctx.optimizer)
         ctx.scaler.update()
     else:
-        loss.backward()
+        loss.backward(inputs=params)
         ctx.optimizer.step()
 
 
@@ -66,6 +67,8 @@ def adversarial_step(ctx: StepContext, x: Tensor, y: Tensor) -> tuple[float, Ten
     """One optimiser step on ``α·J(x) + (1 − α)·J(x̃)``. Returns (loss, logits of the trained-on batch)."""
     cfg = ctx.cfg
     alpha = 1.0 if cfg.method == "standard" else cfg.clean_weight
+    if 0.0 < alpha < 1.0 and cfg.inner_steps == 1 and cfg.method not in ("pgd", "fast"):
+        return _single_step_mixed(ctx, x, y, alpha)
     with ctx.autocast():
         x_adv = None
         if alpha < 1.0:
@@ -89,6 +92,25 @@ def adversarial_step(ctx: StepContext, x: Tensor, y: Tensor) -> tuple[float, Ten
             loss = loss + (1.0 - alpha) * F.cross_entropy(logits.float(), y)
     _update(ctx, loss)
     assert logits is not None
+    return float(loss.detach()), logits.detach()
+
+
+def _single_step_mixed(ctx: StepContext, x: Tensor, y: Tensor, alpha: float) -> tuple[float, Tensor]:
+    """Goodfellow-style ``α·J(x) + (1 − α)·J(x + ε·d(∇ₓJ(x)))`` with one forward pass of x, not two.
+
+    The clean term's forward pass already holds ∇ₓJ(x): it is taken with ``autograd.grad``
+    (input only, graph kept), so the perturbation costs a backward pass to the input and no
+    extra forward. Same gradient as :func:`~robustopt.perturb.perturb` with ``steps=1`` from x
+    (a dropout net sees one mask for both, which the two-pass version does not)."""
+    params = [p for p in ctx.model.parameters() if p.requires_grad]
+    x_req = x.detach().requires_grad_(True)
+    with ctx.autocast():
+        per_example = F.cross_entropy(ctx.model(x_req).float(), y, reduction="none")
+        (grad,) = torch.autograd.grad(per_example.sum(), x_req, retain_graph=True)
+        x_adv = ascend(ctx.threat, x, x, grad, ctx.cfg.inner_step_size or ctx.threat.eps, iterative=False).detach()
+        logits = ctx.model(x_adv)
+        loss = alpha * per_example.mean() + (1.0 - alpha) * F.cross_entropy(logits.float(), y)
+    _update(ctx, loss, params)
     return float(loss.detach()), logits.detach()
 
 

@@ -133,10 +133,15 @@ def perturb(
         x_adv = threat.random_init(x, generator)
     else:
         x_adv = x.clone()
-    iterative = steps > 1
     with preserve_state(model), frozen_parameters(model):
         for _ in range(steps):
             grad, _ = input_gradient(model, x_adv, y, loss_fn)
-            direction = threat.ascent_direction(grad, iterative=iterative)
-            x_adv = threat.project(x_adv + alpha * direction, x)
+            x_adv = ascend(threat, x_adv, x, grad, alpha, iterative=steps > 1)
     return x_adv.detach()
+
+
+def ascend(threat: ThreatModel, x_adv: Tensor, x: Tensor, grad: Tensor, step_size: float, *, iterative: bool) -> Tensor:
+    """One projected steepest-ascent step: ``Π_{S(x)}(x_adv + α·d(g))``; all shapes (B, C, H, W).
+
+    With ``x_adv = x``, ``α = ε`` and ``iterative=False`` this is the paper's closed form."""
+    return threat.project(x_adv + step_size * threat.ascent_direction(grad, iterative=iterative), x)

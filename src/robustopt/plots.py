@@ -18,8 +18,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from robustopt.claims import NORM_LABEL  # noqa: E402
 from robustopt.data import Dataset, to_float  # noqa: E402
-from robustopt.report import NORM_LABEL  # noqa: E402
 
 DPI = 90
 

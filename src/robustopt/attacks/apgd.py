@@ -139,4 +139,3 @@ def apgd_targeted(
         x_adv[todo[hit]] = cand[hit]
         fooled[todo[hit]] = True
     return x_adv
-

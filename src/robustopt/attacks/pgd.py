@@ -29,7 +29,9 @@ from robustopt.threat import ThreatModel
 Tensor = torch.Tensor
 
 
-def _one_run(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, eps: Tensor, x0: Tensor, steps: int, alpha: Tensor, loss_fn):  # noqa: E501
+def _one_run(
+    model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, eps: Tensor, x0: Tensor, steps: int, alpha: Tensor, loss_fn
+):
     """One PGD trajectory from x0; returns its per-example worst case over all iterates."""
     best = WorstCase(x0)
     x_adv = x0

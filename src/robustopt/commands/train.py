@@ -44,6 +44,7 @@ def train_command(
     schedule: str | None = typer.Option(None, help="constant | step | onecycle  [default: constant]"),
     lr_step: int | None = typer.Option(None, help="step schedule: halve lr every N epochs  [default: 25]"),
     subset: int | None = typer.Option(None, help="Train on the first N training images."),
+    test_subset: int | None = typer.Option(None, help="Per-epoch test accuracy on the first N test images  [default: all]"),
     seed: int | None = typer.Option(None, help="Seeds data order, init, dropout and random starts  [default: 0]"),
     amp: str | None = typer.Option(None, help="off | bf16 | fp16 mixed precision  [default: off]"),
     compile: bool | None = typer.Option(None, "--compile/--no-compile", help="torch.compile the model."),
