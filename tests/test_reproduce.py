@@ -103,6 +103,11 @@ def test_second_invocation_reuses_runs_and_evaluations(tiny: tuple[Path, dict, S
     assert all(net["status"] == "reused" for net in again["nets"].values())
     assert sum("evaluation reused" in line for line in lines) == 2
     assert again["nets"]["robust-linf"]["eval"] == first["nets"]["robust-linf"]["eval"]
+    # the first (training) invocation's cost stays on record after a rerun that only reuses
+    first_run, rerun = json.loads((out / "results.json").read_text())["invocations"][-2:]
+    assert first_run["total"] == first["wall_seconds"]["total"] and first_run["evaluated"] == ["baseline", "robust-linf"]
+    assert sorted(first_run["trained"]) == ["baseline", "robust-linf"] and rerun["trained"] == rerun["evaluated"] == []
+    assert "Invocations into this directory: #1 " in (out / "report.md").read_text()
 
 
 def test_unfinished_run_is_resumed_and_changed_schedule_refused(tiny: tuple[Path, dict, Schedule]) -> None:

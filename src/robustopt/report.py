@@ -14,6 +14,7 @@ from typing import Any
 from robustopt.claims import FAST_NAME, NORM_LABEL, claims, groups, pct, sanity, transfer_label, transfer_sets
 
 # Clean test accuracy noted in the authors' public code (PAPER.md); MNIST, paper-mnist.
+PAPER_EPOCHS = {"mnist": 120, "cifar10": 300}  # the authors' code (PAPER.md)
 PAPER_CLEAN = {"mnist": {"baseline": 0.9909, "robust-linf": 0.9934, "robust-l2": 0.9929, "robust-l1": 0.9912}}
 
 
@@ -138,12 +139,14 @@ def setup_section(results: dict[str, Any]) -> str:
         [[NORM_LABEL[n], f"{r['given']:g}", f"{r['pixel']:.4g}"] for n, r in results["radii"].items()],
     )
     subset = "all" if s["subset"] is None else str(s["subset"])
+    authors = PAPER_EPOCHS.get(results["dataset"])
+    paper_epochs = f" The authors trained {authors} epochs: this schedule is shorter." if authors else ""
     return "\n".join(
         [
             f"Models: {', '.join(s['models'])}. Nets: {', '.join(s['nets'])}. Training images: {subset}; epochs: {s['epochs']} "
             f"(PGD-AT: {s['pgd_epochs']} epochs with {s['pgd_steps']} inner steps). Optimiser: SGD lr {s['lr']:g} "
             f"({s['lr_schedule']}), momentum {s['momentum']:g}, batch {s['batch_size']}, weight decay {s['weight_decay']:g}; "
-            f"seed {s['seed']}. The paper's baseline trained 120 epochs: these schedules are far shorter.",
+            f"seed {s['seed']}.{paper_epochs}",
             "",
             f"Evaluation on the first {s['eval_n']} test images: transfer sets built against the baseline with the paper's fast "
             f"methods at ×{', ×'.join(f'{x:g}' for x in s['transfer_scales'])} the training radii; white-box single-step and "
@@ -172,6 +175,19 @@ def sanity_section(results: dict[str, Any]) -> str:
     return head + " **FAILED (possible gradient masking or a too-weak attack):**\n\n" + _table(["net", "check", "numbers"], rows)
 
 
+def history_sentence(results: dict[str, Any]) -> str:
+    """Every invocation into the directory, so that a reusing rerun does not hide the first run's cost."""
+    runs = results.get("invocations") or []
+    if len(runs) < 2:
+        return ""
+
+    def one(i: int, r: dict[str, Any]) -> str:
+        evaluated = "?" if r.get("evaluated") is None else len(r["evaluated"])
+        return f"#{i} {r.get('total', math.nan):.0f} s (trained {len(r.get('trained') or [])}, evaluated {evaluated})"
+
+    return "Invocations into this directory: " + "; ".join(one(i, r) for i, r in enumerate(runs, 1)) + ". "
+
+
 def provenance_section(results: dict[str, Any]) -> str:
     p, nets = results["provenance"], results["nets"]
     rows = [
@@ -186,7 +202,7 @@ def provenance_section(results: dict[str, Any]) -> str:
             f"Git commit: {p['git_commit'] or 'unknown'}. Seed: {results['schedule']['seed']} (training and attacks).",
             "",
             f"Wall time of this invocation: {w.get('total', math.nan):.0f} s "
-            f"(training phase {w.get('train_phase', math.nan):.0f} s). "
+            f"(training phase {w.get('train_phase', math.nan):.0f} s). {history_sentence(results)}"
             "Per net (training seconds are from when it was trained; evaluation from when it was computed):",
             "",
             _table(["net", "this invocation", "epochs", "train s", "eval s"], rows),

@@ -88,6 +88,26 @@ def cached_eval(path: Path, key: str) -> dict[str, Any] | None:
 # ----------------------------------------------------------------------------- provenance
 
 
+def invocation_history(previous: Path, results: dict[str, Any], fresh_evals: list[str]) -> list[dict[str, Any]]:
+    """The wall times of every invocation into this directory, oldest first, this one appended.
+
+    A rerun that reuses everything must not hide what the first, training, invocation cost."""
+    try:
+        old = json.loads(previous.read_text()) if previous.is_file() else {}
+    except (OSError, ValueError):
+        old = {}  # a damaged results.json is rewritten below; its history is lost, nothing else
+    history = old.get("invocations") if isinstance(old, dict) else None
+    if not isinstance(history, list):
+        w = old.get("wall_seconds") if isinstance(old, dict) else None
+        nets = old.get("nets", {}) if isinstance(old, dict) else {}
+        history = []
+        if isinstance(w, dict) and isinstance(nets, dict):  # written before histories were kept
+            trained = [k for k, v in nets.items() if isinstance(v, dict) and v.get("status") in ("trained", "resumed")]
+            history = [{**w, "trained": trained, "evaluated": None}]
+    trained = [k for k, v in results["nets"].items() if v["status"] in ("trained", "resumed")]
+    return [*history, {**results["wall_seconds"], "trained": trained, "evaluated": list(fresh_evals)}]
+
+
 def provenance(device: torch.device) -> dict[str, Any]:
     import matplotlib
     import numpy
@@ -146,8 +166,12 @@ def train_all(s: Schedule, out: Path, *, data_dir: Path | None, device: str | No
     return info
 
 
-def evaluate_all(s: Schedule, out: Path, data: Dataset, dev: torch.device, *, progress: bool, log: Log) -> dict[str, Any]:
-    """Evaluate every net (from the cache in ``out/eval`` when nothing changed); one transfer source per model."""
+def evaluate_all(
+    s: Schedule, out: Path, data: Dataset, dev: torch.device, *, progress: bool, log: Log, fresh: list[str] | None = None
+) -> dict[str, Any]:
+    """Evaluate every net (from the cache in ``out/eval`` when nothing changed); one transfer source per model.
+
+    The names of the nets evaluated now (not taken from the cache) are appended to ``fresh``."""
     from robustopt.runs import save_tensors
 
     n = min(s.eval_n, len(data.y_test))
@@ -172,6 +196,8 @@ def evaluate_all(s: Schedule, out: Path, data: Dataset, dev: torch.device, *, pr
             sanity_norm = (net.partition("-")[2] or next(iter(s.radii))) if checked else None
             res, examples = evaluate_net(load_model(where, dev), source, x, y, s, sanity_norm, progress)
             evals[name] = {"key": key, **res}
+            if fresh is not None:
+                fresh.append(name)
             save_tensors(cache.with_suffix(".examples.safetensors"), examples)
             write_json(cache, evals[name])
             log(
@@ -205,7 +231,8 @@ def reproduce(
     data = load_dataset(schedule.dataset, data_dir)
     train_info = train_all(schedule, out, data_dir=data_dir, device=device, progress=progress, log=log)
     t_train = time.monotonic() - t0
-    evals = evaluate_all(schedule, out, data, dev, progress=progress, log=log)
+    fresh_evals: list[str] = []
+    evals = evaluate_all(schedule, out, data, dev, progress=progress, log=log, fresh=fresh_evals)
     results = report.assemble(
         schedule,
         train_info,
@@ -218,6 +245,7 @@ def reproduce(
     results["wall_seconds"] = {"train_phase": round(t_train, 1), "total": round(time.monotonic() - t0, 1)}
     results["plots"] = plots.make_plots(results, evals, out, data)
     results["wall_seconds"]["total"] = round(time.monotonic() - t0, 1)
+    results["invocations"] = invocation_history(out / "results.json", results, fresh_evals)
     write_json(out / "results.json", report.strip_for_json(results))
     (out / "report.md").write_text(report.render(results))
     total = results["wall_seconds"]["total"]
