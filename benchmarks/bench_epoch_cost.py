@@ -4,6 +4,8 @@ Run by hand (not collected by pytest)::
 
     python benchmarks/bench_epoch_cost.py                    # paper-mnist, 10k images, 3 rounds
     python benchmarks/bench_epoch_cost.py --threads 1 --rounds 5
+    python benchmarks/bench_epoch_cost.py --dataset cifar10 --data-dir ../shared/data --model resnet18 \
+        --images 1280 --batch-size 128 --eps 0.0314 --methods robust,free,fast --rounds 2
 
 Every round trains one epoch of each method with :func:`robustopt.train.train` (same seed,
 same images, same batch size) and divides each epoch's training time (``train_seconds``: the
@@ -71,18 +73,23 @@ def one_epoch(method: str, args: argparse.Namespace, out: Path, device: torch.de
     """Train one epoch; returns (training seconds, peak MiB, MiB above the usage at the start)."""
     subset = args.images + (500 if method == "fast" else 0)
     cfg = TrainConfig(
-        model=args.model, method=method, eps=args.eps, epochs=1, subset=subset, batch_size=args.batch_size,
-        seed=0, replays=args.replays, amp=args.amp,
+        dataset=args.dataset, model=args.model, method=method, eps=args.eps, epochs=1, subset=subset,
+        test_subset=args.test_images, batch_size=args.batch_size, seed=0, replays=args.replays, amp=args.amp,
     )  # fmt: skip
     start = reset_peak(device)
-    summary = train(cfg, out / method, device=str(device), overwrite=True, progress_bar=False, log=lambda s: None)
+    summary = train(
+        cfg, out / method, data_dir=args.data_dir, device=str(device), overwrite=True, progress_bar=False, log=lambda s: None
+    )
     top = peak(device)
     return summary["train_seconds"], top, top - start
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="paper-mnist")
+    p.add_argument("--dataset", default="mnist", help="mnist | fashion-mnist | cifar10")
+    p.add_argument("--model", default="paper-mnist", help="e.g. resnet18 or paper-cifar with --dataset cifar10")
+    p.add_argument("--data-dir", type=Path, default=None, help="where to find cifar10 (e.g. ../shared/data)")
+    p.add_argument("--test-images", type=int, default=500, help="test images evaluated after each epoch (not timed)")
     p.add_argument("--images", type=int, default=10_000, help="training images per epoch")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--eps", type=float, default=0.1)
@@ -99,7 +106,8 @@ def main() -> None:
     methods = [m for m in args.methods.split(",") if m != "standard"]
     print(f"# {datetime.date.today()}  {platform.processor() or platform.machine()}  cpus={os.cpu_count()}  ", end="")
     print(f"threads={torch.get_num_threads()}  device={device}  torch={torch.__version__}  amp={args.amp}")
-    print(f"# {args.model}, {args.images} images/epoch, batch {args.batch_size}, eps {args.eps}, {args.rounds} rounds")
+    print(f"# {args.dataset} {args.model}, {args.images} images/epoch, batch {args.batch_size}, eps {args.eps}, ", end="")
+    print(f"{args.rounds} rounds")
     seconds: dict[str, list[float]] = {m: [] for m in ["standard", *methods]}
     memory: dict[str, float] = {}
     extra: dict[str, float] = {}

@@ -52,3 +52,26 @@ def test_wrong_input_shape_is_a_clear_error() -> None:
         build_model("paper-mnist", mean=[0.5] * 3, std=[0.2] * 3, num_classes=10, input_shape=(3, 32, 32))
     with pytest.raises(ConfigError, match="unknown model"):
         build_model("vgg99", mean=[0.5], std=[0.2], num_classes=10, input_shape=(1, 28, 28))
+
+
+def test_paper_mnist_is_the_authors_conv_relu_pool_order_in_value_and_gradient() -> None:
+    """Pooling before ReLU (our speed-up) computes the authors' conv → ReLU → max-pool exactly, gradients included."""
+    torch.manual_seed(0)
+    model = build_model("paper-mnist", mean=[0.1307], std=[0.3081], num_classes=10, input_shape=(1, 28, 28))
+    conv1, pool1, _, conv2, pool2, _ = model.features
+
+    def authors(x: torch.Tensor) -> torch.Tensor:
+        h = model.normalize(F.pad(x, (2, 2, 2, 2)))
+        h = pool1(F.relu(F.conv2d(h, conv1.weight, conv1.bias)))
+        h = pool2(F.relu(conv2(h)))
+        return model.classifier(h)
+
+    x = torch.rand(16, 1, 28, 28, requires_grad=True)
+    y = torch.randint(0, 10, (16,))
+    ours, ref = model(x), authors(x)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
+    g_ours, *w_ours = torch.autograd.grad(F.cross_entropy(ours, y), [x, *model.parameters()])
+    g_ref, *w_ref = torch.autograd.grad(F.cross_entropy(ref, y), [x, *model.parameters()])
+    torch.testing.assert_close(g_ours, g_ref, rtol=1e-4, atol=1e-7)
+    for a, b in zip(w_ours, w_ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
