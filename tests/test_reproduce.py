@@ -217,8 +217,13 @@ def test_schedules_and_config_overrides(tmp_path: Path) -> None:
     assert full.pixel_radius("l2") == pytest.approx(0.6162) and full.pixel_radius("l1") == pytest.approx(0.6162)
     assert full.train_config("pgd-linf").inner_steps == full.pgd_steps
     assert full.train_config("goodfellow-linf").clean_weight == 0.5
-    cifar = load_schedule("cifar10", True, None)
+    cifar = load_schedule("cifar10", False, None)
     assert "resnet18/robust-l2" in cifar.net_names() and cifar.train_config("resnet18/robust-l2").model == "resnet18"
+    assert "paper-cifar/baseline" in cifar.net_names()  # the authors' VGG-BN net is in the full CIFAR plan
+    cifar_quick = load_schedule("cifar10", True, None)
+    assert cifar_quick.net_names() == ["baseline", "robust-l2"]
+    assert cifar_quick.train_config("robust-l2").model == "resnet18" and cifar_quick.train_config("baseline").test_subset == 1000
+    assert cifar_quick.pixel_radius("l2") == pytest.approx(0.2 * (0.2470 + 0.2435 + 0.2616) / 3, rel=1e-3)
     cfg = tmp_path / "s.toml"
     cfg.write_text('epochs = 3\nnets = ["baseline", "robust-l2"]\n')
     s = load_schedule("mnist", True, cfg)
