@@ -67,7 +67,8 @@ def adversarial_step(ctx: StepContext, x: Tensor, y: Tensor) -> tuple[float, Ten
     """One optimiser step on ``α·J(x) + (1 − α)·J(x̃)``. Returns (loss, logits of the trained-on batch)."""
     cfg = ctx.cfg
     alpha = 1.0 if cfg.method == "standard" else cfg.clean_weight
-    if 0.0 < alpha < 1.0 and cfg.inner_steps == 1 and cfg.method not in ("pgd", "fast"):
+    random_start = cfg.method in ("pgd", "fast")
+    if 0.0 < alpha < 1.0 and cfg.inner_steps == 1 and not random_start:
         return _single_step_mixed(ctx, x, y, alpha)
     with ctx.autocast():
         x_adv = None
@@ -79,7 +80,7 @@ def adversarial_step(ctx: StepContext, x: Tensor, y: Tensor) -> tuple[float, Ten
                 ctx.threat,
                 steps=cfg.inner_steps,
                 step_size=cfg.inner_step_size,
-                random_start=cfg.method in ("pgd", "fast"),
+                random_start=random_start,
                 generator=ctx.generator,
             )
         loss = torch.zeros((), device=x.device)
@@ -132,8 +133,7 @@ def free_step(ctx: StepContext, x: Tensor, y: Tensor) -> tuple[float, Tensor]:
             loss = F.cross_entropy(logits.float(), y)
         _update(ctx, loss)  # the same backward fills x_adv.grad
         grad = x_adv.grad if ctx.scaler is None else x_adv.grad / ctx.scaler.get_scale()
-        stepped = x_adv.detach() + alpha * ctx.threat.ascent_direction(grad, iterative=True)
-        delta = ctx.threat.project(stepped, x) - x
+        delta = ascend(ctx.threat, x_adv.detach(), x, grad, alpha, iterative=True) - x
         loss_value = float(loss.detach())
     ctx.state["free_delta"] = delta.detach()
     assert logits is not None

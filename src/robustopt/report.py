@@ -81,7 +81,7 @@ def _short(name: str) -> str:
 
 
 def test_set_label(results: dict[str, Any]) -> str:
-    n, total = results["n_test"], results.get("n_test_total", results["n_test"])
+    n, total = results["n_test"], results["n_test_total"]
     return f"clean, full test set ({n})" if n >= total else f"clean, first {n} of {total} test images"
 
 
@@ -182,8 +182,8 @@ def history_sentence(results: dict[str, Any]) -> str:
         return ""
 
     def one(i: int, r: dict[str, Any]) -> str:
-        evaluated = "?" if r.get("evaluated") is None else len(r["evaluated"])
-        return f"#{i} {r.get('total', math.nan):.0f} s (trained {len(r.get('trained') or [])}, evaluated {evaluated})"
+        trained, evaluated = len(r.get("trained") or []), len(r.get("evaluated") or [])
+        return f"#{i} {r.get('total', math.nan):.0f} s (trained {trained}, evaluated {evaluated})"
 
     return "Invocations into this directory: " + "; ".join(one(i, r) for i, r in enumerate(runs, 1)) + ". "
 

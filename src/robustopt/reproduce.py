@@ -97,13 +97,7 @@ def invocation_history(previous: Path, results: dict[str, Any], fresh_evals: lis
     except (OSError, ValueError):
         old = {}  # a damaged results.json is rewritten below; its history is lost, nothing else
     history = old.get("invocations") if isinstance(old, dict) else None
-    if not isinstance(history, list):
-        w = old.get("wall_seconds") if isinstance(old, dict) else None
-        nets = old.get("nets", {}) if isinstance(old, dict) else {}
-        history = []
-        if isinstance(w, dict) and isinstance(nets, dict):  # written before histories were kept
-            trained = [k for k, v in nets.items() if isinstance(v, dict) and v.get("status") in ("trained", "resumed")]
-            history = [{**w, "trained": trained, "evaluated": None}]
+    history = [r for r in history if isinstance(r, dict)] if isinstance(history, list) else []
     trained = [k for k, v in results["nets"].items() if v["status"] in ("trained", "resumed")]
     return [*history, {**results["wall_seconds"], "trained": trained, "evaluated": list(fresh_evals)}]
 
