@@ -123,3 +123,12 @@ def test_unknown_norm_and_oversized_eps_rejected() -> None:
     ThreatModel("l2", 27.9).check_fits((1, 28, 28))  # sqrt(784) = 28 is the box diameter
     with pytest.raises(ConfigError):
         ThreatModel("l2", 28.1).check_fits((1, 28, 28))
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e-20, 2.2e-16, 1.0, 1e30])
+def test_l2_direction_is_unit_even_for_vanishing_or_huge_gradients(scale: float) -> None:
+    """A confidently classified example can have an input gradient of ~1e-20: its ℓ2 step must still have length ε."""
+    g = torch.randn(4, 1, 6, 6, generator=torch.Generator().manual_seed(0)) * scale
+    d = ThreatModel("l2", 1.0).ascent_direction(g)
+    torch.testing.assert_close(ThreatModel("l2", 1.0).norm_of(d), torch.ones(4), rtol=1e-5, atol=1e-6)
+    assert torch.equal(ThreatModel("l2", 1.0).ascent_direction(torch.zeros(2, 3)), torch.zeros(2, 3))

@@ -87,8 +87,12 @@ class L2(LpNorm):
     p: float = field(init=False, default=2.0)
 
     def ascent_direction(self, g: Tensor, sparsity: float = 0.0) -> Tensor:
-        n = self.norm(g).clamp_min(1e-12)
-        return g / _per_example(n, g)
+        # Rescale by max|g| first: a very confident example's gradient can be ~1e-20, whose squared norm
+        # underflows; dividing by a clamped norm would then return a step far shorter than ε.
+        peak = _per_example(_flat(g).abs().amax(dim=1), g)
+        u = torch.where(peak > 0, g / peak.clamp_min(torch.finfo(g.dtype).tiny), torch.zeros_like(g))
+        n = self.norm(u).clamp_min(1.0)  # ‖u‖ ≥ 1 unless u = 0 (max|u| = 1)
+        return u / _per_example(n, u)
 
     def project_ball(self, delta: Tensor, eps: float) -> Tensor:
         n = self.norm(delta)
