@@ -7,7 +7,7 @@ Run by hand (not collected by pytest)::
     python benchmarks/bench_epoch_cost.py --dataset cifar10 --data-dir ../shared/data --model resnet18 \
         --images 1280 --batch-size 128 --eps 0.0314 --methods robust,free,fast --rounds 2
 
-Every round trains one epoch of each method with :func:`robustopt.train.train` (same seed,
+Every round trains one epoch of each method with :func:`robustopt.training.loop.train` (same seed,
 same images, same batch size) and divides each epoch's training time (``train_seconds``: the
 loop only, without the test evaluation) by the standard epoch's of that round, so that slow
 phases of a shared machine hit numerator and denominator alike. The method order rotates
@@ -32,8 +32,8 @@ from pathlib import Path
 
 import torch
 
-from robustopt.config import TrainConfig
-from robustopt.train import pick_device, train
+from robustopt.training.config import TrainConfig
+from robustopt.training.loop import pick_device, train
 
 METHODS = ("standard", "robust", "pgd", "free", "fast")
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from robustopt.config import TrainConfig
-from robustopt.data import Dataset, load_dataset, to_float
+from robustopt.data.datasets import Dataset, load_dataset, to_float
+from robustopt.training.config import TrainConfig
 
 torch.set_num_threads(2)
 
@@ -26,7 +26,7 @@ def mnist_test_batch(mnist: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _train(tmp: Path, method: str, eps: float = 0.2) -> Path:
-    from robustopt.train import train
+    from robustopt.training.loop import train
 
     cfg = TrainConfig(method=method, eps=eps, epochs=1, subset=6000, batch_size=50, seed=0, lr=0.05)
     train(cfg, tmp, progress_bar=False, log=lambda s: None)

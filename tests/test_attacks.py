@@ -11,12 +11,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from robustopt.attacks import ATTACKS, deepfool, fgsm, lbfgs, pgd, run_attack
-from robustopt.attacks._common import predict
-from robustopt.attacks.apgd import checkpoints
-from robustopt.attacks.losses import dlr_loss, margin
+from robustopt.evaluation.attacks import ATTACKS, deepfool, fgsm, lbfgs, pgd, run_attack
+from robustopt.evaluation.attacks._common import predict
+from robustopt.evaluation.attacks.apgd import checkpoints
+from robustopt.evaluation.attacks.losses import dlr_loss, margin
 from robustopt.runs import load_model
-from robustopt.threat import ThreatModel
+from robustopt.threat.model import ThreatModel
 
 BOUNDED = ["fgsm", "fgm", "pgd", "bim", "apgd-ce", "apgd-dlr", "square", "auto"]
 MINIMAL = ["deepfool", "cw", "lbfgs"]

@@ -1,7 +1,7 @@
 """Dataset files and downloads: every format round-trips exactly, nothing is unpickled, checksums gate downloads.
 
 Tiny synthetic datasets are written in each supported format (npz, IDX raw and gzip, CIFAR-10
-binary) and read back through :func:`robustopt.data.load_dataset` with ``data_dir``; downloads use
+binary) and read back through :func:`robustopt.data.datasets.load_dataset` with ``data_dir``; downloads use
 ``file://`` URLs to local files, so the checksum logic runs for real without a network.
 """
 
@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from _datafiles import cifar_records, idx_bytes, tiny_arrays, write_cifar_bin, write_idx, write_npz
-from robustopt.data import load_dataset, read_idx
-from robustopt.download import Remote, download
+from robustopt.data.datasets import load_dataset, read_idx
+from robustopt.data.download import Remote, download
 from robustopt.errors import CheckpointError, DataError
 from robustopt.runs import load_tensors, save_tensors
 

@@ -16,12 +16,12 @@ import pytest
 import torch
 
 from _datafiles import write_npz
-from robustopt import distributed as dist
-from robustopt.config import TrainConfig
-from robustopt.data import Dataset
+from robustopt.training import distributed as dist
+from robustopt.data.datasets import Dataset
 from robustopt.errors import ConfigError, RunDirError
 from robustopt.runs import load_tensors
-from robustopt.train import batches, train
+from robustopt.training.config import TrainConfig
+from robustopt.training.loop import batches, train
 
 # paper-mnist with PGD from random starts: initialisation, data order and the attack generator all matter.
 BASE = {"model": "paper-mnist", "method": "pgd", "steps": 2, "eps": 0.1, "epochs": 1, "batch_size": 50}

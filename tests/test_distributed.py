@@ -21,13 +21,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from robustopt.config import TrainConfig
-from robustopt.data import load_dataset, to_float
-from robustopt.methods import StepContext, train_step
-from robustopt.models import build_model
+from robustopt.data.datasets import load_dataset, to_float
+from robustopt.models.zoo import build_model
 from robustopt.runs import load_model, load_tensors, read_metrics
-from robustopt.threat import ThreatModel
-from robustopt.train import _guard_check, accuracy, train
+from robustopt.threat.model import ThreatModel
+from robustopt.training.config import TrainConfig
+from robustopt.training.loop import _guard_check, accuracy, train
+from robustopt.training.objectives import StepContext, train_step
 
 WORLD = 2
 GLOBAL_BATCH = 64

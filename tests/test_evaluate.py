@@ -11,11 +11,11 @@ import pytest
 import torch
 from torch import nn
 
-from robustopt.attacks._common import predict
-from robustopt.evaluate import ThreatViolation, evaluate
+from robustopt.evaluation.attacks._common import predict
+from robustopt.evaluation.evaluate import ThreatViolation, evaluate
+from robustopt.evaluation.sanity import run_checks
 from robustopt.runs import load_model
-from robustopt.sanity import run_checks
-from robustopt.threat import ThreatModel
+from robustopt.threat.model import ThreatModel
 
 
 class RoundInput(nn.Module):
@@ -71,7 +71,7 @@ def test_transfer_from_the_model_itself_equals_white_box_and_from_another_differ
     assert self_transfer["transfer"] and torch.equal(white["robust_mask"], self_transfer["robust_mask"])
     robust_model = load_model(robust_run)
     transfer = evaluate(robust_model, x, y, "fgsm", threat, source_model=std_model, **kw)
-    from robustopt.attacks import fgsm
+    from robustopt.evaluation.attacks import fgsm
 
     expect = (predict(robust_model, x) == y) & (predict(robust_model, fgsm(std_model, x, y, threat)) == y)
     assert torch.equal(transfer["robust_mask"], expect)

@@ -1,6 +1,6 @@
 """Fuzzing the CLI with bad invocations and bad files: a one-line error, a non-zero exit, never a traceback.
 
-Most cases run in-process through :func:`robustopt.cli.main` (the console script's entry point) to
+Most cases run in-process through :func:`robustopt.cli.app.main` (the console script's entry point) to
 keep the file fast; a handful run as real ``python -m robustopt`` subprocesses. Every ``train`` case
 targets a finished run directory (half of them with ``--overwrite``) and then checks that its files
 are byte-identical: a bad invocation never destroys earlier results.
@@ -27,9 +27,9 @@ import torch
 
 from _datafiles import tiny_arrays, write_cifar_bin, write_idx, write_npz
 from robustopt import cli
-from robustopt.config import TrainConfig
 from robustopt.errors import CheckpointError, RobustoptError, RunDirError
 from robustopt.runs import load_model, save_tensors
+from robustopt.training.config import TrainConfig
 
 TRAIN = ["train", "--model", "mlp", "--subset", "300", "--epochs", "1", "--no-progress"]
 RUN_CONFIG = {"model": "mlp", "subset": 300, "epochs": 1}  # what TRAIN means, as TrainConfig fields
@@ -105,7 +105,7 @@ def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, bytes]]:
     """A real finished 1-epoch mlp run on 300 MNIST images, and a snapshot of its files."""
-    from robustopt.train import train
+    from robustopt.training.loop import train
 
     run = tmp_path_factory.mktemp("finished") / "run"
     train(TrainConfig(**RUN_CONFIG), run, progress_bar=False, log=lambda s: None)

@@ -18,15 +18,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustopt.config import TrainConfig
-from robustopt.data import Dataset, to_float
-from robustopt.methods import StepContext, train_step
-from robustopt.models import build_model
+from robustopt.data.datasets import Dataset, to_float
+from robustopt.models.zoo import build_model
 from robustopt.runs import load_model, read_json, read_metrics
-from robustopt.threat import ThreatModel
-from robustopt.train import accuracy, train
+from robustopt.threat.model import ThreatModel
+from robustopt.training.config import TrainConfig
+from robustopt.training.loop import accuracy, train
+from robustopt.training.objectives import StepContext, train_step
 
-train_module = importlib.import_module("robustopt.train")  # the package re-exports the function `train`
+train_module = importlib.import_module("robustopt.training.loop")  # the package re-exports the function `train`
 
 
 def _mnist_model() -> nn.Module:
@@ -156,7 +156,7 @@ def test_bf16_autocast_trains_an_epoch_on_cpu(tmp_path: Path, monkeypatch: pytes
 @pytest.mark.parametrize(("norm", "eps", "alpha"), [("linf", 0.1, 0.5), ("l2", 1.5, 0.3), ("l1", 2.0, 0.5)])
 def test_goodfellow_one_forward_step_equals_the_two_pass_definition(norm: str, eps: float, alpha: float, mnist: Dataset) -> None:
     """The one-forward Goodfellow step updates θ exactly as α·J(x) + (1−α)·J(perturb(x)) with a separate attack pass."""
-    from robustopt.perturb import perturb
+    from robustopt.threat.perturb import perturb
 
     x, y = to_float(mnist.x_train[:48]), mnist.y_train[:48]
     fast_model, ref_model = _mnist_model(), _mnist_model()

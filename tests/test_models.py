@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from robustopt.errors import ConfigError
-from robustopt.models import InputConv2d, build_model
+from robustopt.models.zoo import InputConv2d, build_model
 
 
 @pytest.mark.parametrize(

@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from robustopt.perturb import input_gradient, perturb
-from robustopt.threat import ThreatModel
+from robustopt.threat.model import ThreatModel
+from robustopt.threat.perturb import input_gradient, perturb
 
 NORMS = ["linf", "l2", "l1"]
 Q = {"linf": 1, "l2": 2, "l1": math.inf}

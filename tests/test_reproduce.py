@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from robustopt.claims import claims, compare, median_ratio_interval, sanity
-from robustopt.cli import main
+from robustopt.cli.app import main
 from robustopt.errors import ConfigError, RunDirError
-from robustopt.reproduce import Schedule, load_schedule, reproduce, run_dir
+from robustopt.reproduce.claims import claims, compare, median_ratio_interval, sanity
+from robustopt.reproduce.runner import Schedule, load_schedule, reproduce, run_dir
 
 TINY = dict(
     nets=("baseline", "robust-linf"),

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from robustopt.stability import accuracy_curve, minimal_perturbations, plot_histogram, summary
+from robustopt.evaluation.stability import accuracy_curve, minimal_perturbations, plot_histogram, summary
 
 
 def _linear(seed: int = 0) -> nn.Module:

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from robustopt.errors import ConfigError
-from robustopt.threat import ThreatModel
+from robustopt.threat.model import ThreatModel
 
 NORMS = ["linf", "l2", "l1"]
 P = {"linf": math.inf, "l2": 2, "l1": 1}

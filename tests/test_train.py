@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from robustopt.config import TrainConfig
-from robustopt.data import Dataset, to_float
-from robustopt.models import build_model
-from robustopt.perturb import perturb
+from robustopt.data.datasets import Dataset, to_float
+from robustopt.models.zoo import build_model
 from robustopt.runs import load_model, load_tensors
-from robustopt.threat import ThreatModel
-from robustopt.train import learning_rate
+from robustopt.threat.model import ThreatModel
+from robustopt.threat.perturb import perturb
+from robustopt.training.config import TrainConfig
+from robustopt.training.loop import learning_rate
 
 
 def fgsm_accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> float:

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from robustopt.config import TrainConfig  # noqa: E402
 from robustopt.errors import CheckpointError, ConfigError, DataError, RobustoptError, RunDirError  # noqa: E402
-from robustopt.perturb import perturb, preserve_state  # noqa: E402
 from robustopt.runs import load_model  # noqa: E402
-from robustopt.threat import ThreatModel  # noqa: E402
-from robustopt.train import train  # noqa: E402
+from robustopt.threat.model import ThreatModel  # noqa: E402
+from robustopt.threat.perturb import perturb, preserve_state  # noqa: E402
+from robustopt.training.config import TrainConfig  # noqa: E402
+from robustopt.training.loop import train  # noqa: E402
 
 __all__ = [
     "CheckpointError",

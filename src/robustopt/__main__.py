@@ -1,6 +1,6 @@
 """``python -m robustopt``: the same as the ``robustopt`` console script."""
 
-from robustopt.cli import main
+from robustopt.cli.app import main
 
 if __name__ == "__main__":
     main()

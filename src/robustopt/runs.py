@@ -178,7 +178,7 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> nn.Mo
     The returned module plugs straight into torchattacks, AutoAttack or foolbox (they
     all expect [0, 1] inputs and logits).
     """
-    from robustopt.models import build_model  # local: runs.py stays importable without models
+    from robustopt.models.zoo import build_model  # local: runs.py stays importable without models
 
     d = Path(run_dir)
     if not d.is_dir():

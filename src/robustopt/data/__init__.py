@@ -1,0 +1,1 @@
+"""Data: datasets from files (npz, IDX, CIFAR binaries, image folders), downloads, augmentation."""

@@ -1,0 +1,263 @@
+"""Datasets: MNIST (bundled), Fashion-MNIST and CIFAR-10, loaded without pickle.
+
+Lookup order for files that are not bundled: ``--data-dir``, ``$ROBUSTOPT_DATA``, the user
+cache (``$XDG_CACHE_HOME/robustopt`` or ``~/.cache/robustopt``), then for Fashion-MNIST the
+files of Debian's ``dataset-fashion-mnist`` package. Formats: ``NAME.npz`` with ``x_train,
+y_train, x_test, y_test`` (as in ``shared/data``), IDX files (raw or ``.gz``) and CIFAR-10's
+binary version. Nothing is ever downloaded implicitly: see :mod:`robustopt.data.download`.
+
+Images are kept as uint8 (N, C, H, W) and converted to float [0, 1] per batch.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import zipfile
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from robustopt.errors import DataError
+
+MNIST_SHA256 = "06af5dfe73b70e3bc1c36439982b18a8d76803db9b544f6fdf838a37fbb01b64"
+
+# Per-channel mean and std of each training set, on the [0, 1] scale.
+STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "mnist": ((0.1307,), (0.3081,)),
+    "fashion-mnist": ((0.2860,), (0.3530,)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+}
+SHAPES: dict[str, tuple[int, int, int]] = {"mnist": (1, 28, 28), "fashion-mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
+DATASETS = tuple(STATS)
+DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
+IDX_NAMES = {
+    "x_train": "train-images-idx3-ubyte",
+    "y_train": "train-labels-idx1-ubyte",
+    "x_test": "t10k-images-idx3-ubyte",
+    "y_test": "t10k-labels-idx1-ubyte",
+}
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A classification dataset in memory. x: uint8 (N, C, H, W); y: int64 (N,)."""
+
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    num_classes: int = 10
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return tuple(self.x_train.shape[1:])  # type: ignore[return-value]
+
+    def subset(self, n: int | None) -> Dataset:
+        """The first ``n`` training images (all when ``n`` is None)."""
+        if n is None:
+            return self
+        if n < 1 or n > len(self.y_train):
+            raise DataError(f"--subset must be between 1 and {len(self.y_train)}, got {n}")
+        return Dataset(self.name, self.x_train[:n], self.y_train[:n], self.x_test, self.y_test, self.mean, self.std)
+
+
+def to_float(x: torch.Tensor) -> torch.Tensor:
+    """uint8 images -> float32 in [0, 1]; float images pass through."""
+    return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "robustopt"
+
+
+def search_dirs(data_dir: str | Path | None) -> list[Path]:
+    """Directories searched for dataset files, in order."""
+    dirs = [Path(data_dir)] if data_dir else []
+    if os.environ.get("ROBUSTOPT_DATA"):
+        dirs.append(Path(os.environ["ROBUSTOPT_DATA"]))
+    dirs.append(cache_dir())
+    return dirs
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def bundled_mnist_path() -> Path:
+    return Path(str(resources.files("robustopt") / "_data" / "mnist.npz"))
+
+
+# ---------------------------------------------------------------- file formats
+
+
+def read_npz(path: Path) -> dict[str, np.ndarray]:
+    """The four arrays of a dataset ``.npz``; never unpickles."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = [k for k in IDX_NAMES if k not in z.files]
+            if missing:
+                raise DataError(f"{path}: missing arrays {', '.join(missing)} (need x_train, y_train, x_test, y_test)")
+            return {k: z[k] for k in IDX_NAMES}
+    except DataError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as e:
+        raise DataError(f"{path}: not a readable .npz dataset ({type(e).__name__}: {e}); re-create or re-download it") from e
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file (raw or gzip), as used by MNIST and Fashion-MNIST."""
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise DataError(f"{path}: cannot read IDX file ({e}); re-download it") from e
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise DataError(f"{path}: not an unsigned-byte IDX file (bad magic number)")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"{path}: truncated IDX header")
+    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    size = int(np.prod(dims))
+    if len(raw) != header + size:
+        raise DataError(f"{path}: IDX file has {len(raw) - header} data bytes, header says {size}; it is truncated or corrupt")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def read_cifar_bin(paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
+    """CIFAR-10 binary records ``<label byte><3072 planar RGB bytes>`` -> (N, 3, 32, 32), (N,)."""
+    chunks = []
+    for p in paths:
+        try:
+            raw = np.fromfile(p, dtype=np.uint8)
+        except OSError as e:
+            raise DataError(f"{p}: cannot read this CIFAR-10 batch ({e.strerror}); run `robustopt download cifar10`") from None
+        if raw.size == 0 or raw.size % 3073:
+            raise DataError(f"{p}: size {raw.size} is not a multiple of 3073 bytes; the file is truncated or corrupt")
+        chunks.append(raw.reshape(-1, 3073))
+    rec = np.concatenate(chunks)
+    return rec[:, 1:].reshape(-1, 3, 32, 32), rec[:, 0]
+
+
+def _find_idx(directory: Path) -> dict[str, Path] | None:
+    found = {}
+    for key, stem in IDX_NAMES.items():
+        for cand in (directory / stem, directory / f"{stem}.gz"):
+            if cand.exists():
+                found[key] = cand
+                break
+    return found if len(found) == 4 else None
+
+
+def _locate(name: str, data_dir: str | Path | None) -> dict[str, np.ndarray] | None:
+    """Search the lookup directories for ``name`` in any supported format."""
+    dirs = search_dirs(data_dir)
+    if name == "fashion-mnist":
+        dirs.append(DEBIAN_FASHION.parent)
+    for d in dirs:
+        npz = d / f"{name.replace('-', '_')}.npz"
+        npz_dash = d / f"{name}.npz"
+        for cand in (npz_dash, npz):
+            if cand.is_file():
+                return read_npz(cand)
+        sub = d / name
+        if name == "cifar10":
+            bdir = next((p for p in (d / "cifar-10-batches-bin", sub) if (p / "test_batch.bin").exists()), None)
+            if bdir is not None:
+                xtr, ytr = read_cifar_bin([bdir / f"data_batch_{i}.bin" for i in range(1, 6)])
+                xte, yte = read_cifar_bin([bdir / "test_batch.bin"])
+                return {"x_train": xtr, "y_train": ytr, "x_test": xte, "y_test": yte}
+        else:
+            idx = _find_idx(sub) or _find_idx(d)
+            if idx is not None:
+                return {k: read_idx(p) for k, p in idx.items()}
+    return None
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _as_nchw(x: np.ndarray, shape: tuple[int, int, int], where: str) -> np.ndarray:
+    c, h, w = shape
+    if x.ndim == 3 and c == 1:
+        x = x[:, None]
+    elif x.ndim == 4 and x.shape[-1] == c and x.shape[1] != c:
+        x = x.transpose(0, 3, 1, 2)  # NHWC -> NCHW
+    if x.ndim != 4 or tuple(x.shape[1:]) != shape:
+        raise DataError(f"{where}: images have shape {x.shape}, expected (N, {h}, {w}) or (N, {c}, {h}, {w})")
+    return np.ascontiguousarray(x)
+
+
+def _check_images(x: np.ndarray, where: str) -> torch.Tensor:
+    if x.dtype == np.uint8:
+        return torch.from_numpy(x.copy())
+    if not np.issubdtype(x.dtype, np.floating):
+        raise DataError(f"{where}: images must be uint8 or float in [0, 1], got dtype {x.dtype}")
+    if not np.isfinite(x).all():
+        raise DataError(f"{where}: images contain NaN or infinite pixels; clean the data first")
+    if x.min() < 0 or x.max() > 1:
+        raise DataError(f"{where}: float images must lie in [0, 1], got range [{x.min():.3g}, {x.max():.3g}]")
+    return torch.from_numpy(x.astype(np.float32))
+
+
+def _check_labels(y: np.ndarray, n: int, num_classes: int, where: str) -> torch.Tensor:
+    if y.ndim != 1 or len(y) != n:
+        raise DataError(f"{where}: labels have shape {y.shape}, expected ({n},) to match the images")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise DataError(f"{where}: labels must be integers, got dtype {y.dtype}")
+    if n and (y.min() < 0 or y.max() >= num_classes):
+        raise DataError(f"{where}: labels must lie in 0..{num_classes - 1}, found {int(y.min())}..{int(y.max())}")
+    return torch.from_numpy(y.astype(np.int64))
+
+
+def from_arrays(name: str, arrays: dict[str, np.ndarray], where: str = "dataset") -> Dataset:
+    """Validate raw arrays and build a :class:`Dataset`."""
+    shape, (mean, std) = SHAPES[name], STATS[name]
+    out: dict[str, torch.Tensor] = {}
+    for split in ("train", "test"):
+        x = _as_nchw(arrays[f"x_{split}"], shape, f"{where} x_{split}")
+        if len(x) == 0:
+            raise DataError(f"{where}: x_{split} is empty")
+        out[f"x_{split}"] = _check_images(x, f"{where} x_{split}")
+        out[f"y_{split}"] = _check_labels(arrays[f"y_{split}"], len(x), 10, f"{where} y_{split}")
+    return Dataset(name, out["x_train"], out["y_train"], out["x_test"], out["y_test"], mean, std)
+
+
+def load_dataset(name: str, data_dir: str | Path | None = None) -> Dataset:
+    """Load ``mnist``, ``fashion-mnist`` or ``cifar10``.
+
+    MNIST is bundled (its sha256 is verified on every load); the others are searched for
+    (see the module docstring) and a clear error says how to get them when missing.
+    """
+    if name not in STATS:
+        raise DataError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
+    if name == "mnist":
+        arrays = _locate(name, data_dir) if data_dir else None
+        if arrays is None:
+            path = bundled_mnist_path()
+            if not path.is_file():
+                raise DataError(f"bundled MNIST is missing at {path}; reinstall robustopt")
+            if sha256_file(path) != MNIST_SHA256:
+                raise DataError(f"bundled MNIST at {path} fails its sha256 check; reinstall robustopt")
+            arrays = read_npz(path)
+        return from_arrays(name, arrays, "mnist")
+    arrays = _locate(name, data_dir)
+    if arrays is None:
+        looked = ", ".join(str(d) for d in search_dirs(data_dir))
+        hint = " or `apt-get install dataset-fashion-mnist`" if name == "fashion-mnist" else ""
+        raise DataError(
+            f"dataset {name!r} not found (looked in {looked}); run `robustopt download {name}`{hint}, or pass --data-dir"
+        )
+    return from_arrays(name, arrays, name)

@@ -1,0 +1,103 @@
+"""The paper's evaluation protocol for one net of a reproduce run (:func:`evaluate_net`)."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from robustopt.reproduce.schedule import Schedule
+from robustopt.threat.model import ThreatModel, get_norm
+
+
+def _acc(model: nn.Module, x: Tensor, y: Tensor, attack: str, threat: ThreatModel, s: Schedule, **kw: Any) -> dict[str, Any]:
+    """:func:`robustopt.evaluation.evaluate.evaluate` with the schedule's batch size and seed; no sanity checks unless asked."""
+    from robustopt.evaluation.evaluate import evaluate
+
+    kw = {"sanity": False, **kw}
+    res = evaluate(model, x, y, attack, threat, batch_size=s.eval_batch, seed=s.seed, progress=False, **kw)
+    res.pop("robust_mask")
+    return res
+
+
+def evaluate_net(
+    model: nn.Module, source: nn.Module, x: Tensor, y: Tensor, s: Schedule, sanity_norm: str | None, progress: bool = True
+) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """The whole protocol for one net (accuracies count an image only if correct on x and on x_adv):
+
+    * ``transfer``: the paper's test sets, one fast-method step (``fgsm`` = ``perturb`` steps=1) against
+      ``source`` (the baseline) per norm and radius × scale;
+    * ``whitebox``: single-step and PGD against the net itself at the training radii, with the evaluator's
+      sanity checks (:mod:`robustopt.evaluation.sanity`) on ``sanity_norm``;
+    * ``curves``: PGD accuracy against ε; ``minimal``: DeepFool minimal perturbations of the correctly
+      classified images (:mod:`robustopt.evaluation.stability`).
+
+    Returns the JSON-able results and the example-grid images (PGD adversarials and predictions)."""
+    from tqdm import tqdm
+
+    from robustopt.evaluation.attacks import run_attack
+    from robustopt.evaluation.stability import minimal_perturbations, summary
+
+    t0 = time.monotonic()
+    norms = list(s.radii)
+    bar = tqdm(
+        total=len(norms) * (len(s.transfer_scales) + 1) + len(s.curve_norms) + len(s.minimal_norms),
+        desc="evaluate",
+        leave=False,
+        disable=not progress,
+        unit="step",
+    )
+    res: dict[str, Any] = {"n": len(y), "transfer": {}, "whitebox": {}, "curves": {}, "minimal": {}, "sanity": {}}
+    for norm in norms:
+        for scale in s.transfer_scales:
+            t = ThreatModel(norm, s.pixel_radius(norm) * scale)
+            res["transfer"][f"{norm}@{scale:g}"] = _acc(model, x, y, "fgsm", t, s, source_model=source)["adversarial_accuracy"]
+            bar.update(1)
+        t = ThreatModel(norm, s.pixel_radius(norm))
+        pgd = _acc(
+            model,
+            x,
+            y,
+            "pgd",
+            t,
+            s,
+            steps=s.attack_steps,
+            restarts=s.attack_restarts,
+            sanity=norm == sanity_norm,
+            sanity_n=min(s.sanity_n, len(y)),
+        )
+        fgsm = _acc(model, x, y, "fgsm", t, s)["adversarial_accuracy"]
+        res["clean"] = pgd["clean_accuracy"]
+        res["whitebox"][norm] = {"eps": t.eps, "fgsm": fgsm, "pgd": pgd["adversarial_accuracy"]}
+        if "sanity" in pgd:
+            res["sanity"] = {"norm": norm, "eps": t.eps, "checks": pgd["sanity"]}
+        bar.update(1)
+    xc, yc = x[: s.curve_n], y[: s.curve_n]
+    for norm in s.curve_norms:
+        curve = [
+            _acc(model, xc, yc, "pgd", ThreatModel(norm, s.pixel_radius(norm) * k), s, steps=s.curve_steps)
+            for k in s.curve_scales
+        ]
+        res["curves"][norm] = [[0.0, curve[0]["clean_accuracy"]]] + [[c["eps"], c["adversarial_accuracy"]] for c in curve]
+        bar.update(1)
+    xm, ym = x[: s.minimal_n], y[: s.minimal_n]
+    with torch.no_grad():
+        correct = model(xm).argmax(1) == ym
+    for norm in s.minimal_norms:
+        d = minimal_perturbations(
+            model, xm[correct], ym[correct], norm, "deepfool", steps=s.deepfool_steps, batch_size=s.eval_batch
+        )
+        stats = summary(d, get_norm(norm).norm(xm[correct]).cpu())
+        res["minimal"][norm] = {**stats, "dists": [float(v) if math.isfinite(v) else None for v in d.tolist()]}
+        bar.update(1)
+    bar.close()
+    t = ThreatModel(norms[0], s.pixel_radius(norms[0]))
+    xe, ye = x[: s.examples], y[: s.examples]
+    x_adv = run_attack("pgd", model, xe, ye, t, steps=s.attack_steps, generator=torch.Generator(x.device).manual_seed(s.seed))
+    with torch.no_grad():
+        examples = {"x_adv": x_adv, "pred": model(x_adv).argmax(1), "eps": torch.tensor([t.eps])}
+    res["eval_seconds"] = round(time.monotonic() - t0, 2)
+    return res, examples
