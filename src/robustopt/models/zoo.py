@@ -8,6 +8,7 @@ attacks never have to undo a preprocessing step.
 * ``paper-cifar``: the authors' VGG-style net (13 conv3×3 + BatchNorm + ReLU, dropout
   0.3/0.4, classifier dropout 0.5, FC 512, BatchNorm, FC 10).
 * ``resnet18``: pre-activation ResNet-18 (He et al. 2016) for 32×32 inputs.
+* ``small-cnn``: the TRADES MNIST net (Zhang et al. 2019), four conv3×3 layers and two FC 200 layers.
 * ``mlp``: a small two-layer perceptron, handy for tests.
 """
 
@@ -186,6 +187,26 @@ class PreActResNet18(nn.Module):
         return self.linear(out)
 
 
+class SmallCNN(nn.Module):
+    """The TRADES MNIST net (Zhang et al. 2019): conv3×3 32, 32, max-pool 2; conv3×3 64, 64, max-pool 2 (all ReLU);
+    FC 1024→200, ReLU, dropout 0.5, FC 200→200, ReLU, FC 10. Input (B, 1, 28, 28) in [0,1] -> logits (B, 10)."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], num_classes: int = 10) -> None:
+        super().__init__()
+        self.normalize = Normalize(mean, std)
+        self.features = nn.Sequential(
+            InputConv2d(1, 32, 3), nn.ReLU(), nn.Conv2d(32, 32, 3), nn.ReLU(), nn.MaxPool2d(2, 2),  # 28 -> 26 -> 24 -> 12
+            nn.Conv2d(32, 64, 3), nn.ReLU(), nn.Conv2d(64, 64, 3), nn.ReLU(), nn.MaxPool2d(2, 2),  # 12 -> 10 -> 8 -> 4
+        )  # fmt: skip
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(64 * 4 * 4, 200), nn.ReLU(), nn.Dropout(0.5), nn.Linear(200, 200), nn.ReLU(),
+            nn.Linear(200, num_classes),
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(self.normalize(x)))
+
+
 class MLP(nn.Module):
     """Two-layer perceptron on flattened inputs; (B, C, H, W) -> (B, K)."""
 
@@ -209,6 +230,7 @@ ModelFactory = Callable[[Sequence[float], Sequence[float], int, tuple[int, int, 
 
 MODELS: dict[str, ModelFactory] = {
     "paper-mnist": lambda mean, std, k, shape: PaperMNIST(mean, std, k),
+    "small-cnn": lambda mean, std, k, shape: SmallCNN(mean, std, k),
     "paper-cifar": lambda mean, std, k, shape: PaperCIFAR(mean, std, k, in_channels=shape[0]),
     "resnet18": lambda mean, std, k, shape: PreActResNet18(mean, std, k, in_channels=shape[0]),
     "mlp": _mlp,
@@ -217,6 +239,7 @@ MODELS: dict[str, ModelFactory] = {
 # Input shape each architecture accepts; None means any.
 _SHAPES: dict[str, tuple[int, int, int] | None] = {
     "paper-mnist": (1, 28, 28),
+    "small-cnn": (1, 28, 28),
     "paper-cifar": None,
     "resnet18": None,
     "mlp": None,
