@@ -25,7 +25,7 @@ import torch
 from robustopt.data.datasets import Dataset, read_npz
 from robustopt.errors import DataError
 
-_CHUNK = 4096  # examples per block when computing statistics: float64 copies of at most one block
+_CHUNK = 1024  # examples per block when computing statistics: float64 copies of at most one block
 
 
 def images_nchw(x: np.ndarray, where: str) -> np.ndarray:
