@@ -306,7 +306,8 @@ def load_dataset(name: str | Path, data_dir: str | Path | None = None) -> Datase
     MNIST is bundled (its sha256 is verified on every load); the others are searched for
     (see the module docstring) and a clear error says how to get them when missing. A path to an
     ``.npz`` with ``x_train, y_train, x_test, y_test`` or to an image folder loads that data
-    (``data_dir`` is then not used); see :func:`robustopt.data.user.load_user_data`.
+    (``data_dir`` is then not used); see :func:`robustopt.data.user.load_user_data`. A built-in
+    name wins over a same-named folder in the current directory: write ``./mnist`` for the folder.
     """
     if name not in STATS and looks_like_path(name):
         from robustopt.data.user import load_user_data  # local: user.py builds on this module
