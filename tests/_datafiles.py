@@ -74,3 +74,35 @@ def write_cifar_bin(directory: Path, arrays: dict[str, np.ndarray], batches: int
         (directory / f"data_batch_{i}.bin").write_bytes(cifar_records(arrays["x_train"][idx], arrays["y_train"][idx]))
     (directory / "test_batch.bin").write_bytes(cifar_records(arrays["x_test"], arrays["y_test"]))
     return directory
+
+
+def cifar100_records(x_nhwc: np.ndarray, fine: np.ndarray, coarse: np.ndarray) -> bytes:
+    """CIFAR-100 binary records: coarse label byte, fine label byte, then the R, G, B planes."""
+    planar = x_nhwc.transpose(0, 3, 1, 2).reshape(len(fine), -1)
+    return np.concatenate([coarse.astype(np.uint8)[:, None], fine.astype(np.uint8)[:, None], planar], axis=1).tobytes()
+
+
+def write_cifar100_bin(directory: Path, arrays: dict[str, np.ndarray], names: list[str] | None = None) -> Path:
+    """``train.bin``, ``test.bin`` (coarse label = fine // 5, as CIFAR-100's 20 superclasses of 5) and label names."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for split, stem in (("train", "train"), ("test", "test")):
+        y = arrays[f"y_{split}"]
+        (directory / f"{stem}.bin").write_bytes(cifar100_records(arrays[f"x_{split}"], y, y // 5))
+    if names is not None:
+        (directory / "fine_label_names.txt").write_text("\n".join(names) + "\n")
+    return directory
+
+
+def write_image_folder(root: Path, images: dict[str, list[np.ndarray]], ext: str = ".png") -> dict[str, list[Path]]:
+    """``root/CLASS/NNN.ext`` for each class's uint8 (H, W) or (H, W, C) images, written with Pillow."""
+    from PIL import Image
+
+    out: dict[str, list[Path]] = {}
+    for cls, imgs in images.items():
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        out[cls] = []
+        for i, img in enumerate(imgs):
+            path = root / cls / f"{i:03d}{ext}"
+            Image.fromarray(img).save(path)
+            out[cls].append(path)
+    return out

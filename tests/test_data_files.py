@@ -19,7 +19,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from _datafiles import cifar_records, idx_bytes, tiny_arrays, write_cifar_bin, write_idx, write_npz
+from _datafiles import (
+    cifar100_records,
+    cifar_records,
+    idx_bytes,
+    tiny_arrays,
+    write_cifar100_bin,
+    write_cifar_bin,
+    write_idx,
+    write_npz,
+)
 from robustopt.data.datasets import load_dataset, read_idx
 from robustopt.data.download import Remote, download
 from robustopt.errors import CheckpointError, DataError
@@ -263,3 +272,147 @@ def test_download_refuses_an_archive_that_escapes_its_directory(tmp_path: Path) 
     with pytest.raises(DataError, match="could not unpack"):
         download("evil", tmp_path / "a" / "b", sources={"evil": [_remote(archive)]})
     assert not (tmp_path / "escaped.bin").exists() and not (tmp_path / "a" / "escaped.bin").exists()
+
+
+# ---------------------------------------------------------------- CIFAR-100
+
+
+def _cifar100_arrays(seed: int = 0) -> dict[str, np.ndarray]:
+    arrays = tiny_arrays((32, 32, 3), n_train=25, n_test=15, seed=seed)
+    rng = np.random.default_rng(seed)
+    arrays["y_train"] = rng.permutation(np.arange(25) * 4)  # fine labels up to 96, coarse (fine // 5) differ
+    arrays["y_test"] = rng.integers(0, 100, 15)
+    return arrays
+
+
+@pytest.mark.parametrize("folder", ["cifar-100-binary", "cifar100"])
+def test_cifar100_binary_round_trip_uses_fine_labels(folder: str, tmp_path: Path) -> None:
+    arrays = _cifar100_arrays()
+    names = [f"class{i:02d}" for i in range(100)]
+    write_cifar100_bin(tmp_path / folder, arrays, names)
+    ds = load_dataset("cifar100", data_dir=tmp_path)
+    assert_matches(ds, arrays, nhwc=True)
+    assert ds.num_classes == 100 and ds.class_names == tuple(names) and ds.kind == "cifar100"
+    assert ds.mean == (0.5071, 0.4865, 0.4409) and ds.input_shape == (3, 32, 32)
+
+
+def test_cifar100_record_layout() -> None:
+    """One record: coarse label byte, fine label byte, then the R, G and B planes."""
+    x = np.zeros((1, 32, 32, 3), np.uint8)
+    x[0, 0, 1] = (5, 6, 7)
+    raw = cifar100_records(x, np.array([42]), np.array([8]))
+    assert len(raw) == 3074 and raw[0] == 8 and raw[1] == 42
+    assert (raw[2 + 1], raw[2 + 1024 + 1], raw[2 + 2048 + 1]) == (5, 6, 7)
+
+
+def test_cifar100_truncated_file_is_a_data_error(tmp_path: Path) -> None:
+    d = write_cifar100_bin(tmp_path / "cifar-100-binary", _cifar100_arrays())
+    (d / "train.bin").write_bytes((d / "train.bin").read_bytes()[:-10])
+    with pytest.raises(DataError, match="train.bin: size .* is not a multiple of 3074"):
+        load_dataset("cifar100", data_dir=tmp_path)
+
+
+def test_cifar100_missing_says_how_to_download(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="robustopt download cifar100"):
+        load_dataset("cifar100", data_dir=tmp_path)
+
+
+def test_download_cifar100_archive_unpacks_and_loads(tmp_path: Path) -> None:
+    arrays = _cifar100_arrays(seed=1)
+    built = write_cifar100_bin(tmp_path / "build" / "cifar-100-binary", arrays, [f"c{i}" for i in range(100)])
+    members = {f"cifar-100-binary/{p.name}": p.read_bytes() for p in sorted(built.iterdir())}
+    archive = _tar(tmp_path / "server" / "cifar-100-binary.tar.gz", members)
+    download("cifar100", tmp_path / "dest", sources={"cifar100": [_remote(archive)]})
+    ds = load_dataset("cifar100", data_dir=tmp_path / "dest")
+    assert_matches(ds, arrays, nhwc=True)
+    assert ds.class_names is not None and ds.class_names[99] == "c99"
+
+
+def test_cifar100_is_registered_for_download_with_its_published_md5() -> None:
+    from robustopt.data.download import SOURCES
+
+    (remote,) = SOURCES["cifar100"]
+    assert remote.url.endswith("/cifar-100-binary.tar.gz") and remote.md5 == "03b5dce01913d631647c71ecec9e9cb8"
+
+
+# ---------------------------------------------------------------- the user's own .npz
+
+
+def _user_arrays(x_shape: tuple[int, ...], k: int = 5, dtype: type = np.uint8, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    make = (lambda n: rng.integers(0, 256, (n, *x_shape), dtype=np.uint8)) if dtype == np.uint8 else (
+        lambda n: rng.random((n, *x_shape)).astype(dtype)
+    )
+    return {
+        "x_train": make(40),
+        "y_train": np.arange(40) % k,
+        "x_test": make(10),
+        "y_test": rng.integers(0, k, 10),
+    }
+
+
+@pytest.mark.parametrize(
+    ("x_shape", "dtype", "want"),
+    [
+        ((7,), np.float32, (7,)),  # feature vectors
+        ((6, 5), np.uint8, (1, 6, 5)),  # grayscale
+        ((6, 5, 3), np.uint8, (3, 6, 5)),  # channels-last
+        ((2, 6, 5), np.float64, (2, 6, 5)),  # channels-first, 2 channels
+    ],
+)
+def test_user_npz_any_shape_and_classes(tmp_path: Path, x_shape: tuple[int, ...], dtype: type, want: tuple[int, ...]) -> None:
+    arrays = _user_arrays(x_shape, dtype=dtype)
+    path = write_npz(tmp_path / "mine.npz", arrays)
+    ds = load_dataset(str(path))
+    assert ds.input_shape == want and ds.num_classes == 5 and ds.kind == "npz" and ds.name == str(path.resolve())
+    assert ds.class_names is None
+    x = arrays["x_train"]
+    nchw = x.transpose(0, 3, 1, 2) if len(x_shape) == 3 and x_shape[-1] == 3 else x.reshape(len(x), *want)
+    assert np.array_equal(ds.x_train.numpy(), nchw.astype(ds.x_train.numpy().dtype))
+    assert ds.y_test.dtype == torch.int64 and np.array_equal(ds.y_test.numpy(), arrays["y_test"])
+    # Statistics of the training inputs on the [0, 1] scale: per channel (images) or per feature (vectors).
+    unit = nchw / 255.0 if dtype == np.uint8 else nchw.astype(np.float64)
+    axes = (0,) if len(want) == 1 else (0, 2, 3)
+    np.testing.assert_allclose(ds.mean, unit.mean(axes), atol=2e-6)
+    np.testing.assert_allclose(ds.std, unit.std(axes), atol=2e-6)
+    assert load_dataset(ds.name).input_shape == want  # the recorded name reloads it
+
+
+def test_user_npz_class_names_and_constant_channel(tmp_path: Path) -> None:
+    arrays = _user_arrays((3, 4, 4), k=3)
+    arrays["x_train"][:, 1] = 7  # a constant channel: centred only (std 1), never divided by zero
+    path = write_npz(tmp_path / "named.npz", {**arrays, "class_names": np.array(["cat", "dog", "emu"])})
+    ds = load_dataset(path)
+    assert ds.class_names == ("cat", "dog", "emu") and ds.num_classes == 3
+    assert ds.std[1] == 1.0 and abs(ds.mean[1] - 7 / 255) < 1e-6
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"y_train": -(np.arange(40) % 5)}, "labels must be >= 0, found -4"),
+        ({"y_test": np.full(10, 5)}, r"labels must lie in 0..4 \(the classes\), found 5"),
+        ({"y_train": np.zeros(40, np.int64)}, "only one class"),
+        ({"y_train": np.arange(40) % 5 + 0.0}, "labels must be integers"),
+        ({"y_test": np.zeros(9, np.int64)}, r"labels have shape \(9,\), expected \(10,\)"),
+        ({"x_train": np.full((40, 7), np.nan, np.float32)}, "NaN or infinite"),
+        ({"x_train": np.full((40, 7), 2.0, np.float32)}, r"float inputs must lie in \[0, 1\], got range \[2, 2\]"),
+        ({"x_train": np.zeros((40, 7), np.int64)}, "must be uint8 .* or float in \\[0, 1\\], got dtype int64"),
+        ({"x_test": np.zeros((10, 8), np.float32)}, "examples have different shapes"),
+        ({"x_test": np.zeros((0, 7), np.float32), "y_test": np.zeros(0, np.int64)}, "x_test: no examples"),
+        ({"x_train": np.zeros((40, 1, 2, 3, 4), np.uint8)}, r"inputs have shape \(40, 1, 2, 3, 4\)"),
+    ],
+)
+def test_bad_user_npz_is_a_one_line_data_error(tmp_path: Path, change: dict, message: str) -> None:
+    path = write_npz(tmp_path / "bad.npz", {**_user_arrays((7,), dtype=np.float32), **change})
+    with pytest.raises(DataError, match=message) as info:
+        load_dataset(str(path))
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_user_npz_missing_arrays_and_unknown_names(tmp_path: Path) -> None:
+    path = write_npz(tmp_path / "half.npz", {"x_train": np.zeros((3, 2), np.float32)})
+    with pytest.raises(DataError, match="missing arrays y_train, x_test, y_test"):
+        load_dataset(path)
+    with pytest.raises(DataError, match="unknown dataset 'cifar1000'.*or a path to an .npz or image folder"):
+        load_dataset("cifar1000")

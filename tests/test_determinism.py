@@ -16,12 +16,13 @@ import pytest
 import torch
 
 from _datafiles import write_npz
-from robustopt.training import distributed as dist
 from robustopt.data.datasets import Dataset
 from robustopt.errors import ConfigError, RunDirError
 from robustopt.runs import load_tensors
+from robustopt.training import distributed as dist
+from robustopt.training.batches import Source, batches
 from robustopt.training.config import TrainConfig
-from robustopt.training.loop import batches, train
+from robustopt.training.loop import train
 
 # paper-mnist with PGD from random starts: initialisation, data order and the attack generator all matter.
 BASE = {"model": "paper-mnist", "method": "pgd", "steps": 2, "eps": 0.1, "epochs": 1, "batch_size": 50}
@@ -77,7 +78,9 @@ def test_data_order_is_a_pure_function_of_seed_and_epoch() -> None:
     info, cpu = dist.DistInfo(), torch.device("cpu")
 
     def order(seed: int, epoch: int, start: int = 0) -> list[int]:
-        return torch.cat([b for _, b in batches(x, y, 10, seed=seed, epoch=epoch, info=info, device=cpu, start=start)]).tolist()
+        return torch.cat(
+            [b for _, b in batches(Source(x, y), 10, seed=seed, epoch=epoch, info=info, device=cpu, start=start)]
+        ).tolist()
 
     assert order(0, 0) == order(0, 0)
     assert sorted(order(0, 0)) == list(range(100))  # a permutation: every example once per epoch

@@ -26,8 +26,8 @@ from robustopt.models.zoo import build_model
 from robustopt.runs import load_model, load_tensors, read_metrics
 from robustopt.threat.model import ThreatModel
 from robustopt.training.config import TrainConfig
-from robustopt.training.loop import _guard_check, accuracy, train
-from robustopt.training.objectives import StepContext, train_step
+from robustopt.training.loop import _guard_check, accuracy, context_for, train
+from robustopt.training.objectives import train_step
 
 WORLD = 2
 GLOBAL_BATCH = 64
@@ -62,7 +62,7 @@ def _one_step(case: str, x: torch.Tensor, y: torch.Tensor, ddp: bool) -> dict[st
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     outer: nn.Module = nn.parallel.DistributedDataParallel(model) if ddp else model
     gen = torch.Generator().manual_seed(0)
-    ctx = StepContext(outer, model, opt, ThreatModel(cfg.norm, cfg.pixel_eps), cfg, gen)
+    ctx = context_for(cfg, outer, model, opt, ThreatModel(cfg.norm, cfg.pixel_eps), gen)
     train_step(ctx, x, y)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -87,7 +87,7 @@ def _guards_of_all_ranks(rank: int) -> list[float]:
     net.load_state_dict(model)
     cfg = TrainConfig(method="fast", eps=0.05)
     gen = torch.Generator().manual_seed(1000 * cfg.seed + rank)
-    ctx = StepContext(net, net, torch.optim.SGD(net.parameters(), lr=0.1), ThreatModel("linf", 0.05), cfg, gen)
+    ctx = context_for(cfg, net, net, torch.optim.SGD(net.parameters(), lr=0.1), ThreatModel("linf", 0.05), gen)
     data = load_dataset("mnist")
     value = _guard_check(ctx, (data.x_train[-500:], data.y_train[-500:]), torch.device("cpu"))
     values: list[float] = [0.0] * WORLD

@@ -23,7 +23,7 @@ from robustopt.models.zoo import build_model
 from robustopt.runs import load_model, read_json, read_metrics
 from robustopt.threat.model import ThreatModel
 from robustopt.training.config import TrainConfig
-from robustopt.training.loop import accuracy, train
+from robustopt.training.loop import accuracy, context_for, train
 from robustopt.training.objectives import StepContext, train_step
 
 train_module = importlib.import_module("robustopt.training.loop")  # the package re-exports the function `train`
@@ -37,7 +37,7 @@ def _mnist_model() -> nn.Module:
 def _free_context(model: nn.Module, norm: str, eps: float, replays: int, lr: float) -> StepContext:
     cfg = TrainConfig(method="free", norm=norm, eps=eps, replays=replays)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)  # lr 0 keeps θ fixed: ∇ₓ is then recomputable
-    return StepContext(model, model, opt, ThreatModel(norm, eps), cfg, torch.Generator().manual_seed(0))
+    return context_for(cfg, model, model, opt, ThreatModel(norm, eps), torch.Generator().manual_seed(0))
 
 
 def _record_inputs(model: nn.Module) -> list[torch.Tensor]:
@@ -162,7 +162,7 @@ def test_goodfellow_one_forward_step_equals_the_two_pass_definition(norm: str, e
     fast_model, ref_model = _mnist_model(), _mnist_model()
     cfg = TrainConfig(method="goodfellow", norm=norm, eps=eps, alpha=alpha)
     opt = torch.optim.SGD(fast_model.parameters(), lr=0.1, momentum=0.9)
-    ctx = StepContext(fast_model, fast_model, opt, ThreatModel(norm, eps), cfg, torch.Generator().manual_seed(0))
+    ctx = context_for(cfg, fast_model, fast_model, opt, ThreatModel(norm, eps), torch.Generator().manual_seed(0))
     loss, _ = train_step(ctx, x, y)
 
     ref_opt = torch.optim.SGD(ref_model.parameters(), lr=0.1, momentum=0.9)

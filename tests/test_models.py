@@ -48,8 +48,16 @@ def test_input_conv_matches_conv2d_values_and_gradients() -> None:
 
 
 def test_wrong_input_shape_is_a_clear_error() -> None:
-    with pytest.raises(ConfigError, match="expects 1×28×28"):
-        build_model("paper-mnist", mean=[0.5] * 3, std=[0.2] * 3, num_classes=10, input_shape=(3, 32, 32))
+    with pytest.raises(ConfigError, match="at most 32 pixels, the data is 64×64"):
+        build_model("paper-mnist", mean=[0.5] * 3, std=[0.2] * 3, num_classes=10, input_shape=(3, 64, 64))
+    with pytest.raises(ConfigError, match="at least 32 pixels, the data is 28×28"):
+        build_model("paper-cifar", mean=[0.5], std=[0.2], num_classes=10, input_shape=(1, 28, 28))
+    with pytest.raises(ConfigError, match=r"takes images \(C, H, W\), the data has shape \(20,\); use mlp"):
+        build_model("resnet18", mean=[0.5], std=[0.2], num_classes=10, input_shape=(20,))
+    with pytest.raises(ConfigError, match="normalisation has 3 values, the data has 1 channels"):
+        build_model("resnet18", mean=[0.5] * 3, std=[0.2] * 3, num_classes=10, input_shape=(1, 28, 28))
+    with pytest.raises(ConfigError, match="num_classes must be an integer >= 2"):
+        build_model("mlp", mean=[0.5], std=[0.2], num_classes=1, input_shape=(1, 28, 28))
     with pytest.raises(ConfigError, match="unknown model"):
         build_model("vgg99", mean=[0.5], std=[0.2], num_classes=10, input_shape=(1, 28, 28))
 

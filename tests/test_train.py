@@ -16,7 +16,8 @@ from robustopt.runs import load_model, load_tensors
 from robustopt.threat.model import ThreatModel
 from robustopt.threat.perturb import perturb
 from robustopt.training.config import TrainConfig
-from robustopt.training.loop import learning_rate
+from robustopt.training.objectives import make_objective
+from robustopt.training.schedules import learning_rate
 
 
 def fgsm_accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> float:
@@ -73,7 +74,12 @@ def test_method_defaults() -> None:
     assert TrainConfig(method="robust").clean_weight == 0.0
     assert TrainConfig(method="robust", alpha=0.3).clean_weight == 0.3
     assert TrainConfig(method="pgd").inner_steps == 10
-    assert TrainConfig(method="fast", eps=0.2).inner_step_size == pytest.approx(0.25)
+    threat = ThreatModel("linf", 0.2)
+    assert make_objective("fast", threat).step_size == pytest.approx(0.25)
+    assert make_objective("fast", threat).random_start and make_objective("pgd", threat).random_start
+    assert make_objective("pgd", threat).step_size == pytest.approx(2.5 * 0.2 / 10)
+    assert make_objective("trades", threat).beta == 6.0 and make_objective("trades", threat).steps == 10
+    assert make_objective("robust", threat).step_size == 0.2 and not make_objective("robust", threat).random_start
 
 
 def test_learning_rate_schedules() -> None:

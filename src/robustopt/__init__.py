@@ -9,23 +9,28 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from robustopt.errors import CheckpointError, ConfigError, DataError, RobustoptError, RunDirError  # noqa: E402
+from robustopt.models.zoo import Normalized  # noqa: E402
 from robustopt.runs import load_model  # noqa: E402
 from robustopt.threat.model import ThreatModel  # noqa: E402
 from robustopt.threat.perturb import perturb, preserve_state  # noqa: E402
 from robustopt.training.config import TrainConfig  # noqa: E402
-from robustopt.training.loop import train  # noqa: E402
+from robustopt.training.loop import fit, train  # noqa: E402
+from robustopt.training.objectives import robust_loss  # noqa: E402
 
 __all__ = [
     "CheckpointError",
     "ConfigError",
     "DataError",
+    "Normalized",
     "RobustoptError",
     "RunDirError",
     "ThreatModel",
     "TrainConfig",
     "__version__",
+    "fit",
     "load_model",
     "perturb",
     "preserve_state",
+    "robust_loss",
     "train",
 ]

@@ -172,21 +172,51 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
         raise RunDirError(f"{path} is corrupt ({e})") from None
 
 
-def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+def load_model(
+    run_dir: str | Path, device: str | torch.device = "cpu", *, model: nn.Module | None = None, weights: str = "model"
+) -> nn.Module:
     """Rebuild a trained model from its run directory, in eval mode, taking [0, 1] inputs.
 
-    The returned module plugs straight into torchattacks, AutoAttack or foolbox (they
-    all expect [0, 1] inputs and logits).
+    The architecture is rebuilt from ``config.json``: a built-in net, or the run's
+    ``package.module:factory`` (called with its recorded keyword arguments). Pass ``model`` to load
+    the weights into a module you built yourself (needed for a module handed to ``fit`` as an
+    object). ``weights="best"`` loads ``best.safetensors``, the epoch of best held-out PGD accuracy.
+    The returned module plugs straight into torchattacks, AutoAttack or foolbox.
     """
-    from robustopt.models.zoo import build_model  # local: runs.py stays importable without models
-
     d = Path(run_dir)
     if not d.is_dir():
         raise RunDirError(f"run directory {d} does not exist")
+    if weights not in ("model", "best"):
+        raise RunDirError(f"weights must be 'model' or 'best', got {weights!r}")
+    path = d / (MODEL if weights == "model" else "best.safetensors")
+    if weights == "best" and not path.is_file():
+        raise RunDirError(f"{d} has no best.safetensors; it is written when training with --eval-pgd N")
     cfg = read_json(d / CONFIG)
+    if model is None:
+        model = _rebuild(cfg, d)
+    elif not isinstance(model, nn.Module):
+        raise RunDirError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    tensors, _ = load_tensors(path)
+    load_state_into(model, tensors, path)
+    return model.to(device).eval()
+
+
+def _rebuild(cfg: dict[str, Any], d: Path) -> nn.Module:
+    """The architecture ``config.json`` names, before its weights are loaded."""
+    from robustopt.models.factory import build_from_spec, is_factory_spec  # local: runs.py stays importable without models
+    from robustopt.models.zoo import build_model
+
+    name = cfg.get("model") if isinstance(cfg, dict) else None
+    if name == "custom":
+        raise RunDirError(
+            f"{d} was trained from a module handed to robustopt.fit; build the same architecture and call "
+            "load_model(run_dir, model=MyNet())"
+        )
     try:
-        model = build_model(
-            cfg["model"],
+        if isinstance(name, str) and is_factory_spec(name):
+            return build_from_spec(name, cfg.get("model_kwargs") or {})
+        return build_model(
+            name,  # type: ignore[arg-type]
             mean=cfg["normalization"]["mean"],
             std=cfg["normalization"]["std"],
             num_classes=cfg["num_classes"],
@@ -194,6 +224,3 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> nn.Mo
         )
     except (KeyError, TypeError) as e:
         raise RunDirError(f"{d / CONFIG} is missing or has a malformed field {e}; retrain the run") from None
-    tensors, _ = load_tensors(d / MODEL)
-    load_state_into(model, tensors, d / MODEL)
-    return model.to(device).eval()

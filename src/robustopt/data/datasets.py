@@ -1,16 +1,19 @@
-"""Datasets: MNIST (bundled), Fashion-MNIST and CIFAR-10, loaded without pickle.
+"""Datasets: MNIST (bundled), Fashion-MNIST, CIFAR-10 and CIFAR-100, and the user's own files, loaded without pickle.
 
 Lookup order for files that are not bundled: ``--data-dir``, ``$ROBUSTOPT_DATA``, the user
 cache (``$XDG_CACHE_HOME/robustopt`` or ``~/.cache/robustopt``), then for Fashion-MNIST the
 files of Debian's ``dataset-fashion-mnist`` package. Formats: ``NAME.npz`` with ``x_train,
 y_train, x_test, y_test`` (as in ``shared/data``), IDX files (raw or ``.gz``) and CIFAR-10's
-binary version. Nothing is ever downloaded implicitly: see :mod:`robustopt.data.download`.
+binary version (CIFAR-100: ``train.bin``/``test.bin``, fine labels). Nothing is ever downloaded
+implicitly: see :mod:`robustopt.data.download`. A path to an ``.npz`` file or an image folder
+instead of a name loads the user's data (:mod:`robustopt.data.user`).
 
 Images are kept as uint8 (N, C, H, W) and converted to float [0, 1] per batch.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import os
@@ -31,8 +34,15 @@ STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "mnist": ((0.1307,), (0.3081,)),
     "fashion-mnist": ((0.2860,), (0.3530,)),
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 }
-SHAPES: dict[str, tuple[int, int, int]] = {"mnist": (1, 28, 28), "fashion-mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
+SHAPES: dict[str, tuple[int, int, int]] = {
+    "mnist": (1, 28, 28),
+    "fashion-mnist": (1, 28, 28),
+    "cifar10": (3, 32, 32),
+    "cifar100": (3, 32, 32),
+}
+NUM_CLASSES: dict[str, int] = {"mnist": 10, "fashion-mnist": 10, "cifar10": 10, "cifar100": 100}
 DATASETS = tuple(STATS)
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
 IDX_NAMES = {
@@ -45,7 +55,15 @@ IDX_NAMES = {
 
 @dataclass(frozen=True)
 class Dataset:
-    """A classification dataset in memory. x: uint8 (N, C, H, W); y: int64 (N,)."""
+    """A classification dataset in memory.
+
+    x: uint8 or float in [0, 1], images (N, C, H, W) or feature vectors (N, D); y: int64 (N,) in
+    0..num_classes-1. ``mean``/``std`` are the training data's per-channel (per-feature) statistics
+    the built-in nets normalise with. ``name`` is a built-in name or the data's absolute path (so
+    ``load_dataset(name)`` reloads it); ``kind`` is the built-in name, ``"npz"`` or ``"folder"``
+    (it picks the augmentation default, :func:`robustopt.data.augment.default_augment`);
+    ``class_names`` maps label k to a name when known.
+    """
 
     name: str
     x_train: torch.Tensor
@@ -55,10 +73,17 @@ class Dataset:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     num_classes: int = 10
+    class_names: tuple[str, ...] | None = None
+    kind: str = ""  # empty: the same as name (a built-in dataset)
+
+    def __post_init__(self) -> None:
+        if not self.kind:
+            object.__setattr__(self, "kind", self.name)
 
     @property
-    def input_shape(self) -> tuple[int, int, int]:
-        return tuple(self.x_train.shape[1:])  # type: ignore[return-value]
+    def input_shape(self) -> tuple[int, ...]:
+        """(C, H, W) for images, (D,) for feature vectors."""
+        return tuple(self.x_train.shape[1:])
 
     def subset(self, n: int | None) -> Dataset:
         """The first ``n`` training images (all when ``n`` is None)."""
@@ -66,7 +91,7 @@ class Dataset:
             return self
         if n < 1 or n > len(self.y_train):
             raise DataError(f"--subset must be between 1 and {len(self.y_train)}, got {n}")
-        return Dataset(self.name, self.x_train[:n], self.y_train[:n], self.x_test, self.y_test, self.mean, self.std)
+        return dataclasses.replace(self, x_train=self.x_train[:n], y_train=self.y_train[:n])
 
 
 def to_float(x: torch.Tensor) -> torch.Tensor:
@@ -151,6 +176,34 @@ def read_cifar_bin(paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
     return rec[:, 1:].reshape(-1, 3, 32, 32), rec[:, 0]
 
 
+def read_cifar100_bin(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """CIFAR-100 binary records ``<coarse label><fine label><3072 planar RGB bytes>`` -> (N, 3, 32, 32), fine labels (N,)."""
+    try:
+        raw = np.fromfile(path, dtype=np.uint8)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read this CIFAR-100 file ({e.strerror}); run `robustopt download cifar100`") from None
+    if raw.size == 0 or raw.size % 3074:
+        raise DataError(f"{path}: size {raw.size} is not a multiple of 3074 bytes; the file is truncated or corrupt")
+    rec = raw.reshape(-1, 3074)
+    return rec[:, 2:].reshape(-1, 3, 32, 32), rec[:, 1]
+
+
+def _find_cifar100(directory: Path) -> dict[str, np.ndarray] | None:
+    """``train.bin``/``test.bin`` in ``cifar-100-binary/`` (the archive's folder) or ``cifar100/``, with label names."""
+    found = next((p for p in (directory / "cifar-100-binary", directory / "cifar100") if (p / "test.bin").is_file()), None)
+    if found is None:
+        return None
+    xtr, ytr = read_cifar100_bin(found / "train.bin")
+    xte, yte = read_cifar100_bin(found / "test.bin")
+    arrays = {"x_train": xtr, "y_train": ytr, "x_test": xte, "y_test": yte}
+    names_file = found / "fine_label_names.txt"
+    if names_file.is_file():
+        names = [line.strip() for line in names_file.read_text(errors="replace").splitlines() if line.strip()]
+        if len(names) == NUM_CLASSES["cifar100"]:
+            arrays["class_names"] = np.array(names)
+    return arrays
+
+
 def _find_idx(directory: Path) -> dict[str, Path] | None:
     found = {}
     for key, stem in IDX_NAMES.items():
@@ -173,6 +226,11 @@ def _locate(name: str, data_dir: str | Path | None) -> dict[str, np.ndarray] | N
             if cand.is_file():
                 return read_npz(cand)
         sub = d / name
+        if name == "cifar100":
+            found = _find_cifar100(d)
+            if found is not None:
+                return found
+            continue
         if name == "cifar10":
             bdir = next((p for p in (d / "cifar-10-batches-bin", sub) if (p / "test_batch.bin").exists()), None)
             if bdir is not None:
@@ -224,25 +282,39 @@ def _check_labels(y: np.ndarray, n: int, num_classes: int, where: str) -> torch.
 
 def from_arrays(name: str, arrays: dict[str, np.ndarray], where: str = "dataset") -> Dataset:
     """Validate raw arrays and build a :class:`Dataset`."""
-    shape, (mean, std) = SHAPES[name], STATS[name]
+    shape, (mean, std), k = SHAPES[name], STATS[name], NUM_CLASSES[name]
     out: dict[str, torch.Tensor] = {}
     for split in ("train", "test"):
         x = _as_nchw(arrays[f"x_{split}"], shape, f"{where} x_{split}")
         if len(x) == 0:
             raise DataError(f"{where}: x_{split} is empty")
         out[f"x_{split}"] = _check_images(x, f"{where} x_{split}")
-        out[f"y_{split}"] = _check_labels(arrays[f"y_{split}"], len(x), 10, f"{where} y_{split}")
-    return Dataset(name, out["x_train"], out["y_train"], out["x_test"], out["y_test"], mean, std)
+        out[f"y_{split}"] = _check_labels(arrays[f"y_{split}"], len(x), k, f"{where} y_{split}")
+    names = tuple(str(c) for c in arrays["class_names"]) if "class_names" in arrays else None
+    return Dataset(name, out["x_train"], out["y_train"], out["x_test"], out["y_test"], mean, std, k, names)
 
 
-def load_dataset(name: str, data_dir: str | Path | None = None) -> Dataset:
-    """Load ``mnist``, ``fashion-mnist`` or ``cifar10``.
+def looks_like_path(name: str | Path) -> bool:
+    """True for what can only be a path (a Path, a separator, an ``.npz`` suffix) or an existing file or folder."""
+    text = str(name)
+    return isinstance(name, Path) or os.sep in text or "/" in text or text.endswith(".npz") or Path(text).exists()
+
+
+def load_dataset(name: str | Path, data_dir: str | Path | None = None) -> Dataset:
+    """Load ``mnist``, ``fashion-mnist``, ``cifar10``, ``cifar100``, or the user's data at a path.
 
     MNIST is bundled (its sha256 is verified on every load); the others are searched for
-    (see the module docstring) and a clear error says how to get them when missing.
+    (see the module docstring) and a clear error says how to get them when missing. A path to an
+    ``.npz`` with ``x_train, y_train, x_test, y_test`` or to an image folder loads that data
+    (``data_dir`` is then not used); see :func:`robustopt.data.user.load_user_data`. A built-in
+    name wins over a same-named folder in the current directory: write ``./mnist`` for the folder.
     """
+    if name not in STATS and looks_like_path(name):
+        from robustopt.data.user import load_user_data  # local: user.py builds on this module
+
+        return load_user_data(Path(name))
     if name not in STATS:
-        raise DataError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
+        raise DataError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}, or a path to an .npz or image folder")
     if name == "mnist":
         arrays = _locate(name, data_dir) if data_dir else None
         if arrays is None:

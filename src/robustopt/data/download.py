@@ -1,7 +1,7 @@
 """Explicit, checksum-verified downloads (``robustopt download NAME``). Never called implicitly.
 
 Each file is fetched to a temporary name, its MD5 compared with the published value, and only
-then renamed into place. The CIFAR-10 archive is unpacked with tarfile's ``data`` filter, which
+then renamed into place. The CIFAR-10 and CIFAR-100 archives are unpacked with tarfile's ``data`` filter, which
 refuses absolute paths, links out of the tree and special files.
 """
 
@@ -48,6 +48,13 @@ SOURCES: dict[str, list[Remote]] = {
             "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz",
             "c32a1d4ab5d03f1284b67883e8d87530",
             "cifar-10-binary.tar.gz",
+        ),
+    ],
+    "cifar100": [
+        Remote(
+            "https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz",
+            "03b5dce01913d631647c71ecec9e9cb8",
+            "cifar-100-binary.tar.gz",
         ),
     ],
 }

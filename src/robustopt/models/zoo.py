@@ -1,19 +1,24 @@
-"""Classifiers that take float NCHW inputs in [0, 1], normalise inside and return logits.
+"""Classifiers that take float inputs in [0, 1], normalise inside and return logits.
 
 Because normalisation lives inside the model, every ε in robustopt is in pixel units and
-attacks never have to undo a preprocessing step.
+attacks never have to undo a preprocessing step. Every net takes any number of classes K and
+every input shape its architecture allows:
 
 * ``paper-mnist``: the authors' MNIST net (Shaham et al., public Torch code): zero-pad to
-  32×32, conv5×5·32, ReLU, max-pool 3; conv5×5·64, ReLU, max-pool 2; FC 256→200, ReLU; FC 10.
+  32×32, conv5×5·32, ReLU, max-pool 3; conv5×5·64, ReLU, max-pool 2; FC 256→200, ReLU; FC K.
+  Images (C, H, W) with H, W ≤ 32.
 * ``paper-cifar``: the authors' VGG-style net (13 conv3×3 + BatchNorm + ReLU, dropout
-  0.3/0.4, classifier dropout 0.5, FC 512, BatchNorm, FC 10).
-* ``resnet18``: pre-activation ResNet-18 (He et al. 2016) for 32×32 inputs.
-* ``small-cnn``: the TRADES MNIST net (Zhang et al. 2019), four conv3×3 layers and two FC 200 layers.
-* ``mlp``: a small two-layer perceptron, handy for tests.
+  0.3/0.4, classifier dropout 0.5, FC 512, BatchNorm, FC K). Images with H, W ≥ 32 (larger
+  ones are average-pooled after the last block).
+* ``resnet18``: pre-activation ResNet-18 (He et al. 2016). Images of any size.
+* ``wrn-D-W`` (``wrn-28-10``, ``wrn-34-10``, …): WideResNet, see :mod:`robustopt.models.wrn`. Images of any size.
+* ``small-cnn``: the TRADES MNIST net (Zhang et al. 2019): four conv3×3 layers and two FC 200 layers. 28×28 images.
+* ``mlp``: a small two-layer perceptron on flattened inputs: images or flat feature vectors (D,).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -21,18 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from robustopt.errors import ConfigError
-
-
-class Normalize(nn.Module):
-    """(x - mean) / std per channel; x (B, C, H, W) in pixel units."""
-
-    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
+from robustopt.models.normalize import Normalize
+from robustopt.models.wrn import WideResNet
+from robustopt.models.wrn import parse_name as parse_wrn_name
 
 
 class _FoldInputGradConv(torch.autograd.Function):
@@ -87,16 +83,16 @@ class InputConv2d(nn.Conv2d):
 
 
 class PaperMNIST(nn.Module):
-    """The authors' MNIST net. Input (B, 1, 28, 28) in [0,1] -> logits (B, 10)."""
+    """The authors' MNIST net. Input (B, C, H, W) in [0,1], H, W ≤ 32 (MNIST: 1×28×28) -> logits (B, K)."""
 
-    def __init__(self, mean: Sequence[float], std: Sequence[float], num_classes: int = 10) -> None:
+    def __init__(self, mean: Sequence[float], std: Sequence[float], num_classes: int = 10, in_channels: int = 1) -> None:
         super().__init__()
         self.normalize = Normalize(mean, std)
         # conv, ReLU, max-pool as the authors wrote it, computed as conv, max-pool, ReLU: ReLU is monotone, so
         # max(relu(z)) = relu(max(z)) and the gradients agree too, but ReLU then runs on maps 9× (4×) smaller.
         # On CPU that cuts the first block's forward + backward by ~40%. Parameter indices are unchanged.
         self.features = nn.Sequential(
-            InputConv2d(1, 32, 5),
+            InputConv2d(in_channels, 32, 5),
             nn.MaxPool2d(3, 3),  # 32 -> 28 -> 9
             nn.ReLU(),
             nn.Conv2d(32, 64, 5),
@@ -106,9 +102,9 @@ class PaperMNIST(nn.Module):
         self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(64 * 2 * 2, 200), nn.ReLU(), nn.Linear(200, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Zero-pad in pixel space (a black border), as the authors' 32×32 MNIST.
-        pad = (32 - x.shape[-1]) // 2
-        x = F.pad(x, (pad, pad, pad, pad))
+        # Zero-pad in pixel space (a black border) to 32×32, as the authors' MNIST (2 pixels each side for 28×28).
+        top, left = (32 - x.shape[-2]) // 2, (32 - x.shape[-1]) // 2
+        x = F.pad(x, (left, 32 - x.shape[-1] - left, top, 32 - x.shape[-2] - top))
         return self.classifier(self.features(self.normalize(x)))
 
 
@@ -116,7 +112,7 @@ _VGG_CFG: list[int | str] = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512
 
 
 class PaperCIFAR(nn.Module):
-    """The authors' VGG-BN CIFAR net. Input (B, 3, 32, 32) in [0,1] -> logits (B, 10)."""
+    """The authors' VGG-BN CIFAR net. Input (B, C, H, W) in [0,1], H, W ≥ 32 -> logits (B, K)."""
 
     def __init__(self, mean: Sequence[float], std: Sequence[float], num_classes: int = 10, in_channels: int = 3) -> None:
         super().__init__()
@@ -145,7 +141,10 @@ class PaperCIFAR(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(self.normalize(x)))
+        out = self.features(self.normalize(x))
+        if out.shape[-2:] != (1, 1):  # inputs larger than 32×32: average the last maps (a no-op at 32×32)
+            out = F.adaptive_avg_pool2d(out, 1)
+        return self.classifier(out)
 
 
 class PreActBlock(nn.Module):
@@ -166,7 +165,7 @@ class PreActBlock(nn.Module):
 
 
 class PreActResNet18(nn.Module):
-    """Pre-activation ResNet-18 for 32×32 inputs. (B, C, 32, 32) in [0,1] -> (B, K)."""
+    """Pre-activation ResNet-18 (CIFAR variant: 3×3 stem, no max-pool). (B, C, H, W) in [0,1] -> (B, K)."""
 
     def __init__(self, mean: Sequence[float], std: Sequence[float], num_classes: int = 10, in_channels: int = 3) -> None:
         super().__init__()
@@ -189,14 +188,14 @@ class PreActResNet18(nn.Module):
 
 class SmallCNN(nn.Module):
     """The TRADES MNIST net (Zhang et al. 2019): conv3×3 32, 32, max-pool 2; conv3×3 64, 64, max-pool 2 (all ReLU);
-    FC 1024→200, ReLU, dropout 0.5, FC 200→200, ReLU, FC 10. Input (B, 1, 28, 28) in [0,1] -> logits (B, 10)."""
+    FC 1024→200, ReLU, dropout 0.5, FC 200→200, ReLU, FC K. Input (B, C, 28, 28) in [0,1] -> logits (B, K)."""
 
-    def __init__(self, mean: Sequence[float], std: Sequence[float], num_classes: int = 10) -> None:
+    def __init__(self, mean: Sequence[float], std: Sequence[float], num_classes: int = 10, in_channels: int = 1) -> None:
         super().__init__()
         self.normalize = Normalize(mean, std)
         self.features = nn.Sequential(
-            InputConv2d(1, 32, 3), nn.ReLU(), nn.Conv2d(32, 32, 3), nn.ReLU(), nn.MaxPool2d(2, 2),  # 28 -> 26 -> 24 -> 12
-            nn.Conv2d(32, 64, 3), nn.ReLU(), nn.Conv2d(64, 64, 3), nn.ReLU(), nn.MaxPool2d(2, 2),  # 12 -> 10 -> 8 -> 4
+            InputConv2d(in_channels, 32, 3), nn.ReLU(), nn.Conv2d(32, 32, 3), nn.ReLU(), nn.MaxPool2d(2, 2),  # 28→26→24→12
+            nn.Conv2d(32, 64, 3), nn.ReLU(), nn.Conv2d(64, 64, 3), nn.ReLU(), nn.MaxPool2d(2, 2),  # 12→10→8→4
         )  # fmt: skip
         self.classifier = nn.Sequential(
             nn.Flatten(), nn.Linear(64 * 4 * 4, 200), nn.ReLU(), nn.Dropout(0.5), nn.Linear(200, 200), nn.ReLU(),
@@ -208,7 +207,7 @@ class SmallCNN(nn.Module):
 
 
 class MLP(nn.Module):
-    """Two-layer perceptron on flattened inputs; (B, C, H, W) -> (B, K)."""
+    """Two-layer perceptron on flattened inputs; (B, C, H, W) or (B, D) -> (B, K)."""
 
     def __init__(
         self, mean: Sequence[float], std: Sequence[float], num_classes: int = 10, in_features: int = 784, hidden: int = 256
@@ -221,43 +220,64 @@ class MLP(nn.Module):
         return self.net(self.normalize(x))
 
 
-def _mlp(mean: Sequence[float], std: Sequence[float], num_classes: int, shape: tuple[int, int, int]) -> nn.Module:
-    c, h, w = shape
-    return MLP(mean, std, num_classes, in_features=c * h * w)
+def _mlp(mean: Sequence[float], std: Sequence[float], num_classes: int, shape: tuple[int, ...]) -> nn.Module:
+    return MLP(mean, std, num_classes, in_features=math.prod(shape))
 
 
-ModelFactory = Callable[[Sequence[float], Sequence[float], int, tuple[int, int, int]], nn.Module]
+def _wrn(depth: int, width: int) -> ModelFactory:
+    return lambda mean, std, k, shape: WideResNet(mean, std, depth=depth, width=width, num_classes=k, in_channels=shape[0])
 
+
+ModelFactory = Callable[[Sequence[float], Sequence[float], int, tuple[int, ...]], nn.Module]
+
+# Built-in architectures by name: factory(mean, std, num_classes, input_shape). Any ``wrn-D-W`` also resolves.
 MODELS: dict[str, ModelFactory] = {
-    "paper-mnist": lambda mean, std, k, shape: PaperMNIST(mean, std, k),
-    "small-cnn": lambda mean, std, k, shape: SmallCNN(mean, std, k),
+    "paper-mnist": lambda mean, std, k, shape: PaperMNIST(mean, std, k, in_channels=shape[0]),
+    "small-cnn": lambda mean, std, k, shape: SmallCNN(mean, std, k, in_channels=shape[0]),
     "paper-cifar": lambda mean, std, k, shape: PaperCIFAR(mean, std, k, in_channels=shape[0]),
     "resnet18": lambda mean, std, k, shape: PreActResNet18(mean, std, k, in_channels=shape[0]),
+    "wrn-28-10": _wrn(28, 10),
+    "wrn-34-10": _wrn(34, 10),
     "mlp": _mlp,
 }
 
-# Input shape each architecture accepts; None means any.
-_SHAPES: dict[str, tuple[int, int, int] | None] = {
-    "paper-mnist": (1, 28, 28),
-    "small-cnn": (1, 28, 28),
-    "paper-cifar": None,
-    "resnet18": None,
-    "mlp": None,
-}
+# Image side lengths each convolutional architecture accepts: (smallest, largest); None: no bound.
+_SIDES: dict[str, tuple[int | None, int | None]] = {"paper-mnist": (None, 32), "paper-cifar": (32, None), "small-cnn": (28, 28)}
+
+
+def resolve_model(name: str) -> ModelFactory:
+    """The factory of a built-in architecture: a name in :data:`MODELS` or any ``wrn-D-W``."""
+    if name in MODELS:
+        return MODELS[name]
+    depth_width = parse_wrn_name(name)
+    if depth_width is None:
+        raise ConfigError(f"unknown model {name!r}: choose one of {', '.join(MODELS)}, wrn-DEPTH-WIDTH or package.module:fn")
+    return _wrn(*depth_width)
+
+
+def _check_input(name: str, shape: tuple[int, ...], mean: Sequence[float]) -> None:
+    """A one-line ConfigError when architecture ``name`` cannot take inputs of ``shape``."""
+    if name != "mlp" and len(shape) != 3:
+        raise ConfigError(f"model {name!r} takes images (C, H, W), the data has shape {shape}; use mlp or your own model")
+    lo, hi = _SIDES.get(name, (None, None))
+    if len(shape) == 3 and ((lo and min(shape[1:]) < lo) or (hi and max(shape[1:]) > hi)):
+        bound = f"at least {lo}" if lo else f"at most {hi}"
+        raise ConfigError(f"model {name!r} needs image sides of {bound} pixels, the data is {shape[1]}×{shape[2]}")
+    channels = shape[0] if len(shape) == 3 else math.prod(shape)
+    if len(mean) not in (1, channels):
+        raise ConfigError(f"model {name!r}: normalisation has {len(mean)} values, the data has {channels} channels")
 
 
 def build_model(
-    name: str, *, mean: Sequence[float], std: Sequence[float], num_classes: int, input_shape: tuple[int, int, int]
+    name: str, *, mean: Sequence[float], std: Sequence[float], num_classes: int, input_shape: tuple[int, ...]
 ) -> nn.Module:
-    """Instantiate a registered architecture for data of ``input_shape`` (C, H, W)."""
-    if name not in MODELS:
-        raise ConfigError(f"unknown model {name!r}: choose one of {', '.join(MODELS)}")
-    need = _SHAPES[name]
-    if need is not None and tuple(input_shape) != need:
-        raise ConfigError(f"model {name!r} expects {need[0]}×{need[1]}×{need[2]} inputs, the data has {input_shape}")
-    if name in ("paper-cifar", "resnet18") and tuple(input_shape[1:]) != (32, 32):
-        raise ConfigError(f"model {name!r} expects 32×32 inputs, the data has {input_shape[1]}×{input_shape[2]}")
-    return MODELS[name](list(mean), list(std), num_classes, tuple(input_shape))
+    """Instantiate a built-in architecture for data of ``input_shape`` ((C, H, W) images or (D,) features)."""
+    factory = resolve_model(name)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ConfigError(f"model {name!r}: num_classes must be an integer >= 2, got {num_classes!r}")
+    shape = tuple(int(d) for d in input_shape)
+    _check_input(name, shape, mean)
+    return factory(list(mean), list(std), num_classes, shape)
 
 
 class Normalized(nn.Module):
@@ -278,6 +298,4 @@ class Normalized(nn.Module):
         self.model = model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 2:  # flat feature vectors (B, D): one mean/std for all features, or one per feature
-            return self.model((x - self.normalize.mean.view(1, -1)) / self.normalize.std.view(1, -1))
-        return self.model(self.normalize(x))
+        return self.model(self.normalize(x))  # Normalize also handles flat features (B, D)

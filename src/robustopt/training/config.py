@@ -12,17 +12,21 @@ import dataclasses
 import math
 import re
 import tomllib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from robustopt.data.datasets import DATASETS, STATS
 from robustopt.errors import ConfigError
+from robustopt.models.factory import is_factory_spec
 from robustopt.models.zoo import MODELS
 from robustopt.threat.model import NORMS
+from robustopt.training.objectives import METHODS
 
-METHODS = ("standard", "goodfellow", "robust", "pgd", "fast", "free")
-SCHEDULES = ("constant", "step", "onecycle")
+WRN_NAME = re.compile(r"wrn-(\d+)-(\d+)")  # WideResNet depth-width, e.g. wrn-34-10
+
+SCHEDULES = ("constant", "step", "multistep", "cosine", "onecycle")
+OPTIMIZERS = ("sgd", "adam", "adamw")
 AMP_MODES = ("off", "bf16", "fp16")
 
 
@@ -42,37 +46,63 @@ def parse_number(text: str | float | int, what: str = "value") -> float:
     return value
 
 
+def _opt(default: Any, help: str, **extra: Any) -> Any:
+    """A config field with the help text the CLI shows (``train --help`` is derived from these)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **extra})
+    return field(default=default, metadata={"help": help, **extra})
+
+
 @dataclass
 class TrainConfig:
-    """Everything that determines a training run. Saved to ``config.json`` in the run dir."""
+    """Everything that determines a training run. Saved to ``config.json`` in the run dir.
 
-    dataset: str = "mnist"
-    model: str = "paper-mnist"
-    method: str = "robust"
-    norm: str = "linf"
-    eps: float = 0.1
-    eps_units: str = "pixel"
-    alpha: float | None = None  # weight of the clean loss; default 0.5 for goodfellow, else 0
-    steps: int | None = None  # inner-max steps; default 1, or 10 for pgd
-    step_size: float | None = None  # default ε for one step, 2.5ε/steps for PGD, 1.25ε for fast
-    replays: int = 4  # free training: replays per minibatch (Shafahi et al.)
-    epochs: int = 10
-    batch_size: int = 100
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 1e-3
-    schedule: str = "constant"
-    lr_step: int = 25  # "step" schedule: halve the lr every lr_step epochs
-    subset: int | None = None
-    test_subset: int | None = None  # per-epoch test accuracy on the first N test images (None: all of them)
-    seed: int = 0
-    amp: str = "off"
-    compile: bool = False
-    channels_last: bool = False
-    sync_bn: bool = False
-    deterministic: bool = False
-    checkpoint_minutes: float = 10.0
-    guard_drop: float = 0.2  # fast training: stop when held-out PGD accuracy falls this far below its best
+    ``robustopt train``'s options are generated from these fields (name, type, default, help),
+    so the flags, the TOML keys and this class cannot drift apart.
+    """
+
+    dataset: str = _opt("mnist", f"Built-in dataset: {' | '.join(DATASETS)}")
+    data: str | None = _opt(
+        None, "Your own data: an .npz (x_train, y_train, x_test, y_test) or an image folder; replaces --dataset"
+    )
+    model: str = _opt("paper-mnist", "Built-in net (paper-mnist, paper-cifar, resnet18, mlp, wrn-D-W) or package.module:factory")
+    model_kwargs: dict[str, Any] = _opt({}, "Keyword arguments for a package.module:factory model, as JSON", json=True)
+    method: str = _opt("robust", f"Training objective: {' | '.join(METHODS)}")
+    norm: str = _opt("linf", "Threat model norm: linf | l2 | l1")
+    eps: float = _opt(0.1, "Radius ε, e.g. 0.3 or 8/255")
+    eps_units: str = _opt("pixel", "pixel | standardized (the paper's units: ε·σ in pixels)")
+    alpha: float | None = _opt(None, "Weight of the clean loss [default: 0.5 for goodfellow, else 0]")
+    beta: float | None = _opt(None, "TRADES/MART weight of the robustness term [default: 6]")
+    steps: int | None = _opt(None, "Inner-max steps [default: 10 for pgd/trades/mart, else 1]")
+    step_size: float | None = _opt(None, "Inner-max step in pixels [default: ε for one step, 1.25ε fast, 2.5ε/steps]")
+    replays: int = _opt(4, "free training: replays per minibatch (Shafahi et al.)")
+    epochs: int = _opt(10, "Training epochs")
+    batch_size: int = _opt(100, "Minibatch size (per process under torchrun)")
+    optimizer: str = _opt("sgd", f"Optimiser: {' | '.join(OPTIMIZERS)}")
+    lr: float = _opt(0.01, "Learning rate (the peak for onecycle)")
+    momentum: float = _opt(0.9, "SGD momentum")
+    nesterov: bool = _opt(False, "SGD with Nesterov momentum")
+    weight_decay: float = _opt(1e-3, "L2 penalty (decoupled for adamw)")
+    schedule: str = _opt("constant", f"Learning-rate schedule: {' | '.join(SCHEDULES)}")
+    lr_step: int = _opt(25, "step schedule: multiply the lr by lr-gamma (default 0.5) every N epochs")
+    milestones: list[int] = _opt([], "multistep schedule: epochs at which the lr is multiplied by lr-gamma, e.g. 100,150")
+    lr_gamma: float | None = _opt(None, "Factor of the step/multistep schedules [default: 0.5 step, 0.1 multistep]")
+    grad_clip: float | None = _opt(None, "Clip the gradient's global norm to this value")
+    augment: bool | None = _opt(None, "Random crop (pad 4) + horizontal flip [default: on for CIFAR and image folders]")
+    subset: int | None = _opt(None, "Train on the first N training examples")
+    test_subset: int | None = _opt(None, "Per-epoch test accuracy on the first N test examples [default: all]")
+    eval_pgd: int = _opt(0, "Per-epoch PGD accuracy on N held-out training examples (0: off)")
+    eval_pgd_steps: int = _opt(10, "Steps of the per-epoch PGD evaluation")
+    early_stop: bool | None = _opt(None, "Keep best.safetensors by per-epoch PGD accuracy [default: on with --eval-pgd]")
+    seed: int = _opt(0, "Seeds data order, init, dropout, augmentation and random starts")
+    amp: str = _opt("off", "Mixed precision: off | bf16 | fp16")
+    compile: bool = _opt(False, "torch.compile the model")
+    channels_last: bool = _opt(False, "channels_last memory format (faster convolutions on GPU)")
+    sync_bn: bool = _opt(False, "SyncBatchNorm under torchrun")
+    deterministic: bool = _opt(False, "Deterministic kernels (slower on GPU)")
+    checkpoint_minutes: float = _opt(10.0, "Also checkpoint every N minutes inside an epoch")
+    guard_drop: float = _opt(0.2, "fast: stop when held-out PGD accuracy falls this far below its best")
+    tensorboard: bool = _opt(False, "Write TensorBoard events to the run directory (needs tensorboard installed)")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -80,10 +110,17 @@ class TrainConfig:
     # -- derived values -------------------------------------------------------------
     @property
     def pixel_eps(self) -> float:
-        """ε in pixel units."""
+        """ε in pixel units (standardised radii need a built-in dataset's σ; see :meth:`pixel_eps_for`)."""
         if self.eps_units == "pixel":
             return float(self.eps)
-        std = STATS[self.dataset][1]
+        if self.data is not None or self.dataset not in STATS:
+            raise ConfigError("--eps-units standardized needs a built-in --dataset (its σ is known); give ε in pixels")
+        return self.pixel_eps_for(STATS[self.dataset][1])
+
+    def pixel_eps_for(self, std: tuple[float, ...] | list[float]) -> float:
+        """ε in pixels for data of per-channel std ``std`` (the mean σ over channels)."""
+        if self.eps_units == "pixel":
+            return float(self.eps)
         return float(self.eps) * sum(std) / len(std)
 
     @property
@@ -96,55 +133,81 @@ class TrainConfig:
     def inner_steps(self) -> int:
         if self.steps is not None:
             return int(self.steps)
-        return 10 if self.method == "pgd" else 1
+        return 10 if self.method in ("pgd", "trades", "mart") else 1
 
     @property
-    def inner_step_size(self) -> float | None:
-        if self.step_size is not None:
-            return float(self.step_size)
-        if self.method == "fast":
-            return 1.25 * self.pixel_eps
-        if self.method == "free":
-            return self.pixel_eps
-        return None
+    def keep_best(self) -> bool:
+        return self.eval_pgd > 0 if self.early_stop is None else bool(self.early_stop and self.eval_pgd > 0)
 
     def training_keys(self) -> dict[str, Any]:
         """The keys that must match for ``--resume`` to continue a run."""
-        ignore = {"checkpoint_minutes", "test_subset"}  # neither changes the weights
+        ignore = {"checkpoint_minutes", "test_subset", "tensorboard"}  # none changes the weights
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in ignore}
 
     # -- validation -----------------------------------------------------------------
     def validate(self) -> None:
-        _choice("dataset", self.dataset, DATASETS)
-        _choice("model", self.model, tuple(MODELS))
+        if self.data is None:
+            _choice("dataset", self.dataset, DATASETS)
+        elif not isinstance(self.data, str) or not self.data:
+            raise ConfigError(f"--data must be a path to an .npz file or an image folder, got {self.data!r}")
+        _check_model(self.model)
+        if not isinstance(self.model_kwargs, dict):
+            raise ConfigError(f"model-kwargs must be a table / JSON object, got {self.model_kwargs!r}")
         _choice("method", self.method, METHODS)
         _choice("norm", self.norm, tuple(NORMS))
         _choice("eps-units", self.eps_units, ("pixel", "standardized"))
         _choice("schedule", self.schedule, SCHEDULES)
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("amp", self.amp, AMP_MODES)
-        self.eps = _number("eps", self.eps, minimum=0.0)
+        self._validate_numbers()
+        self._validate_integers()
         if self.method not in ("standard",) and self.eps == 0:
             raise ConfigError(f"--eps must be > 0 for method {self.method!r}")
-        if self.alpha is not None:
-            self.alpha = _number("alpha", self.alpha, minimum=0.0, maximum=1.0)
-        if self.step_size is not None:
-            self.step_size = _number("step-size", self.step_size, minimum=0.0, strict=True)
-        for name in ("steps", "replays", "epochs", "batch_size", "lr_step"):
-            value = getattr(self, name)
-            if value is not None:
-                setattr(self, name, _integer(name.replace("_", "-"), value, minimum=1))
-        for name in ("subset", "test_subset"):
+        if self.schedule == "multistep" and not self.milestones:
+            raise ConfigError("--schedule multistep needs --milestones, e.g. --milestones 100,150")
+        for flag in ("nesterov", "compile", "channels_last", "sync_bn", "deterministic", "tensorboard"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ConfigError(f"{flag.replace('_', '-')} must be true or false, got {getattr(self, flag)!r}")
+        for flag in ("augment", "early_stop"):
+            if getattr(self, flag) is not None and not isinstance(getattr(self, flag), bool):
+                raise ConfigError(f"{flag.replace('_', '-')} must be true or false, got {getattr(self, flag)!r}")
+
+    def _validate_numbers(self) -> None:
+        self.eps = _number("eps", self.eps, minimum=0.0)
+        for name, lo, hi, strict in (
+            ("alpha", 0.0, 1.0, False),
+            ("beta", 0.0, None, False),
+            ("step_size", 0.0, None, True),
+            ("lr_gamma", 0.0, None, True),
+            ("grad_clip", 0.0, None, True),
+        ):
             if getattr(self, name) is not None:
-                setattr(self, name, _integer(name.replace("_", "-"), getattr(self, name), minimum=1))
-        self.seed = _integer("seed", self.seed, minimum=0)
+                setattr(self, name, _number(name.replace("_", "-"), getattr(self, name), minimum=lo, maximum=hi, strict=strict))
         self.lr = _number("lr", self.lr, minimum=0.0, strict=True)
         self.momentum = _number("momentum", self.momentum, minimum=0.0, maximum=1.0)
         self.weight_decay = _number("weight-decay", self.weight_decay, minimum=0.0)
         self.checkpoint_minutes = _number("checkpoint-minutes", self.checkpoint_minutes, minimum=0.0, strict=True)
         self.guard_drop = _number("guard-drop", self.guard_drop, minimum=0.0, maximum=1.0)
-        for flag in ("compile", "channels_last", "sync_bn", "deterministic"):
-            if not isinstance(getattr(self, flag), bool):
-                raise ConfigError(f"{flag.replace('_', '-')} must be true or false, got {getattr(self, flag)!r}")
+
+    def _validate_integers(self) -> None:
+        for name in ("steps", "replays", "epochs", "batch_size", "lr_step", "subset", "test_subset", "eval_pgd_steps"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, _integer(name.replace("_", "-"), value, minimum=1))
+        self.eval_pgd = _integer("eval-pgd", self.eval_pgd, minimum=0)
+        self.seed = _integer("seed", self.seed, minimum=0, maximum=2**31 - 1)
+        if isinstance(self.milestones, (str, bytes)) or not isinstance(self.milestones, (list, tuple)):
+            raise ConfigError(f"milestones must be a list of epochs such as [100, 150], got {self.milestones!r}")
+        self.milestones = sorted(_integer("milestones", m, minimum=1) for m in self.milestones)
+
+
+def _check_model(name: Any) -> None:
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"--model must be a model name or package.module:factory, got {name!r}")
+    if is_factory_spec(name) or name == "custom":  # custom: a module handed to robustopt.fit
+        return
+    if name not in MODELS and not WRN_NAME.fullmatch(name):
+        raise ConfigError(f"unknown model {name!r}: choose one of {', '.join(MODELS)}, wrn-D-W, or package.module:factory")
 
 
 def _choice(what: str, value: Any, options: tuple[str, ...]) -> None:
@@ -163,11 +226,13 @@ def _number(what: str, value: Any, *, minimum: float | None = None, maximum: flo
     return v
 
 
-def _integer(what: str, value: Any, *, minimum: int) -> int:
+def _integer(what: str, value: Any, *, minimum: int, maximum: int | None = None) -> int:
     if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
         raise ConfigError(f"--{what} must be a whole number, got {value!r}")
     if value < minimum:
         raise ConfigError(f"--{what} must be >= {minimum}, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"--{what} must be <= {maximum}, got {value!r}")
     return int(value)
 
 

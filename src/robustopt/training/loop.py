@@ -1,8 +1,11 @@
-"""The one training loop (Algorithm 1 of Shaham et al., and its relatives).
+"""The training loop: :func:`fit` trains any model on any data; :func:`train` is its named-config layer.
 
-For every minibatch, :func:`robustopt.training.objectives.train_step` builds perturbed examples against the
-current weights and takes one optimiser step on their loss. This module owns everything
-around it: data order, learning-rate schedule, evaluation, checkpoints, resume, DDP.
+For every minibatch, :func:`robustopt.training.objectives.train_step` builds perturbed examples
+against the current weights and takes one optimiser step on their loss (Algorithm 1 of Shaham
+et al. and its relatives). This module owns everything around it: validation before anything
+is written, data order, augmentation, the learning-rate schedule, per-epoch clean and PGD
+accuracy, the best weights (Rice et al.), the fast-training guard (Wong et al.), checkpoints,
+exact resume and DDP.
 """
 
 from __future__ import annotations
@@ -12,28 +15,40 @@ import math
 import os
 import platform
 import time
-from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DistributedSampler
-from tqdm import tqdm
 
 from robustopt import __version__
 from robustopt.data.datasets import Dataset, load_dataset, to_float
 from robustopt.errors import ConfigError, RunDirError
+from robustopt.models.factory import build_from_spec, is_factory_spec
 from robustopt.models.zoo import build_model
 from robustopt.runs import CHECKPOINT, CONFIG, MODEL, SUMMARY, is_finished, read_json, save_model, write_json, write_metrics
 from robustopt.threat.model import ThreatModel
 from robustopt.threat.perturb import perturb
 from robustopt.training import distributed as dist
+from robustopt.training.batches import (
+    Source,
+    TrainData,
+    as_source,
+    batches,
+    check_source,
+    eval_batches,
+    num_batches,
+    probe_num_classes,
+)
 from robustopt.training.checkpoint import Progress, load_checkpoint, save_checkpoint
-from robustopt.training.config import TrainConfig
-from robustopt.training.objectives import StepContext, train_step
+from robustopt.training.config import TrainConfig, make_config
+from robustopt.training.monitor import Board, Log, epoch_line, make_bar, want_bar
+from robustopt.training.objectives import StepContext, make_objective, train_step
+from robustopt.training.schedules import build_optimizer, check_optimizer, lr_factor, set_scheduled_lr
 
-Log = Callable[[str], None]
+BEST = "best.safetensors"
+GUARD_N = 500  # held-out training examples of the fast-training guard (Wong et al.)
 
 
 def pick_device(name: str | None = None) -> torch.device:
@@ -48,6 +63,8 @@ def pick_device(name: str | None = None) -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise ConfigError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"--device {name} cannot train or evaluate; use auto, cpu, cuda, cuda:N or mps")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for but CUDA is not available; use --device cpu")
     if device.type == "mps" and not torch.backends.mps.is_available():
@@ -55,50 +72,20 @@ def pick_device(name: str | None = None) -> torch.device:
     return device
 
 
-def batches(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    batch_size: int,
-    *,
-    seed: int,
-    epoch: int,
-    info: dist.DistInfo,
-    device: torch.device,
-    start: int = 0,
-    shuffle: bool = True,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """This rank's minibatches of an epoch, skipping the first ``start``. x is uint8 or float.
-
-    The order is a pure function of (seed, epoch), which is what makes resume exact.
-    """
-    sampler = DistributedSampler(range(len(y)), num_replicas=info.world_size, rank=info.rank, shuffle=shuffle, seed=seed)
-    sampler.set_epoch(epoch)
-    idx = torch.tensor(list(sampler), dtype=torch.long)
-    for i in range(start * batch_size, len(idx), batch_size):
-        b = idx[i : i + batch_size].to(x.device)
-        yield to_float(x[b]).to(device, non_blocking=True), y[b].to(device, non_blocking=True)
-
-
-def num_batches(n: int, batch_size: int, info: dist.DistInfo) -> int:
-    return math.ceil(math.ceil(n / info.world_size) / batch_size)
+@torch.no_grad()
+def accuracy(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device, info: dist.DistInfo | None = None
+) -> float:
+    """Clean accuracy of ``model`` on (x, y), sharded over ranks when distributed."""
+    return source_accuracy(model, Source(x, y), device, info or dist.DistInfo())
 
 
 @torch.no_grad()
-def accuracy(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    device: torch.device,
-    info: dist.DistInfo | None = None,
-    batch_size: int = 1000,
-) -> float:
-    """Clean accuracy of ``model`` on (x, y), sharded over ranks when distributed."""
-    info = info or dist.DistInfo()
+def source_accuracy(model: nn.Module, source: Source, device: torch.device, info: dist.DistInfo) -> float:
     was_training = model.training
     model.eval()
     correct = seen = 0.0
-    for i in range(info.rank * batch_size, len(y), batch_size * info.world_size):
-        xb, yb = to_float(x[i : i + batch_size]).to(device), y[i : i + batch_size].to(device)
+    for xb, yb in eval_batches(source, device, info):
         correct += float((model(xb).argmax(1) == yb).sum())
         seen += len(yb)
     model.train(was_training)
@@ -106,29 +93,297 @@ def accuracy(
     return correct / max(seen, 1.0)
 
 
-def learning_rate(cfg: TrainConfig, epoch: int, it: int, iters: int) -> float:
-    """The lr at iteration ``it`` of ``epoch``: constant, step (halve every lr_step) or one-cycle."""
-    if cfg.schedule == "step":
-        return cfg.lr * 0.5 ** (epoch // cfg.lr_step)
-    if cfg.schedule == "onecycle":
-        t = (epoch + it / max(iters, 1)) / cfg.epochs  # in [0, 1)
-        return cfg.lr * (t / 0.4 if t < 0.4 else max(0.0, (1 - t) / 0.6))
-    return cfg.lr
+def pgd_accuracy(
+    model: nn.Module, source: Source, threat: ThreatModel, steps: int, device: torch.device, info: dist.DistInfo, seed: int
+) -> float:
+    """PGD-``steps`` accuracy (random start, step 2.5ε/steps) in eval mode, sharded over ranks.
+
+    Its generator is seeded per call (``seed``), never the training stream's, so watching
+    robust accuracy does not change the weights a run ends with."""
+    was = model.training
+    model.eval()
+    gen = torch.Generator(device=device).manual_seed(seed)
+    correct = seen = 0.0
+    for xb, yb in eval_batches(source, device, info):
+        x_adv = perturb(model, xb, yb, threat, steps=steps, random_start=True, generator=gen)
+        with torch.no_grad():
+            correct += float((model(x_adv).argmax(1) == yb).sum())
+        seen += len(yb)
+    model.train(was)
+    correct, seen = dist.all_sum([correct, seen], device)
+    return correct / max(seen, 1.0)
 
 
-def run_metadata(cfg: TrainConfig, data: Dataset, device: torch.device, info: dist.DistInfo) -> dict[str, Any]:
+def _guard_check(ctx: StepContext, held: tuple[torch.Tensor, torch.Tensor], device: torch.device) -> float:
+    """PGD-10 accuracy on held-out training examples: Wong et al.'s catastrophic-overfitting check."""
+    x, y = to_float(held[0]).to(device), held[1].to(device)
+    model = ctx.attack_model
+    was = model.training
+    model.eval()
+    x_adv = perturb(model, x, y, ctx.threat, steps=10, random_start=True, generator=ctx.generator)
+    with torch.no_grad():
+        acc = float((model(x_adv).argmax(1) == y).float().mean())
+    model.train(was)
+    total, ranks = dist.all_sum([acc, 1.0], device)  # random starts differ per rank; all must take the same decision
+    return total / ranks
+
+
+# ---------------------------------------------------------------------------- the run
+
+
+@dataclass
+class Run:
+    """Everything one training run holds, built and validated by :func:`_prepare` before any file is written."""
+
+    cfg: TrainConfig
+    out: Path
+    info: dist.DistInfo
+    device: torch.device
+    model: nn.Module  # the plain module (weights, attacks, evaluation)
+    ctx: StepContext  # the step: DDP/compiled model, optimiser, objective, generator
+    train: Source
+    test: Source | None
+    held: Source | None  # held-out training examples: per-epoch PGD accuracy and the fast guard
+    meta: dict[str, Any]
+    augment: bool
+    scheduler: Any = None
+    scheduler_interval: str = "epoch"
+    prog: Progress = field(default_factory=Progress)
+    log: Log = print
+    bar: bool = False
+    board: Board | None = None
+
+
+def fit(
+    model: nn.Module,
+    train_data: TrainData,
+    *,
+    out: str | Path,
+    method: str | None = None,
+    threat: ThreatModel | None = None,
+    epochs: int | None = None,
+    test_data: TrainData | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    scheduler_interval: str = "epoch",
+    config: TrainConfig | None = None,
+    device: str | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress_bar: bool | None = None,
+    log: Log = print,
+    meta: dict[str, Any] | None = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """Robustly train any ``model`` on any data into the run directory ``out``; returns the summary.
+
+    Args:
+        model: an ``nn.Module`` taking inputs in ``threat.bounds`` (``[0, 1]`` by default) and returning
+            logits (B, K); wrap a model that expects standardised inputs in :class:`robustopt.Normalized`.
+        train_data, test_data: a pair of tensors ``(x, y)``, a ``Dataset`` of ``(x, y)`` or a ``DataLoader``;
+            any number of classes, images (C, H, W) or flat feature vectors.
+        method: ``standard, goodfellow, robust, pgd, fast, trades, mart`` or ``free``.
+        threat: the norm, ε and domain of the inner maximisation (and of ``eval_pgd``).
+        optimizer, scheduler: any torch optimiser and LR scheduler (``scheduler.step()`` is called every
+            epoch, or every batch with ``scheduler_interval="batch"``); default: built from the config.
+        config: a :class:`TrainConfig` to start from; ``**options`` override its fields (``batch_size``,
+            ``lr``, ``beta``, ``steps``, ``augment``, ``eval_pgd``, ``amp``, ``seed``, ...).
+        resume, overwrite: continue the unfinished run in ``out`` exactly, or replace what it holds.
+
+    Returns:
+        The summary (also ``out/summary.json``): epochs, final test accuracy, best PGD accuracy, seconds.
+    """
+    cfg, threat = _resolve(config, method, threat, epochs, options)
+    run = _prepare(model, train_data, test_data, cfg, threat, out, optimizer, scheduler, scheduler_interval, device, meta or {})
+    run.log, run.bar = log, want_bar(progress_bar, run.info.is_main)
+    _open_run_dir(run, resume=resume, overwrite=overwrite)
+    try:
+        while run.prog.epoch < cfg.epochs and not run.prog.extra.get("stopped"):
+            _train_epoch(run)
+    finally:
+        if run.board is not None:
+            run.board.close()
+    return _finish(run)
+
+
+def _resolve(
+    config: TrainConfig | None, method: str | None, threat: ThreatModel | None, epochs: int | None, options: dict[str, Any]
+) -> tuple[TrainConfig, ThreatModel]:
+    """The run's full configuration: ``config`` (or the defaults), then the keyword arguments."""
+    values = dataclasses.asdict(config) if config is not None else {}
+    if config is None and threat is None and method not in (None, "standard"):
+        raise ConfigError(f"fit(method={method!r}) needs threat=ThreatModel(norm, eps)")
+    if threat is not None and not isinstance(threat, ThreatModel):
+        raise ConfigError(f"threat must be a robustopt.ThreatModel, got {type(threat).__name__}")
+    if threat is not None and config is None:
+        values.update(norm=threat.norm, eps=threat.eps, eps_units="pixel")
+    values.setdefault("model", "custom")
+    for key, value in (("method", method), ("epochs", epochs)):
+        if value is not None:
+            values[key] = value
+    if config is None:
+        values.setdefault("method", "standard")
+    values.update(options)
+    cfg = make_config(values)
+    if threat is None:
+        threat = ThreatModel(cfg.norm, cfg.pixel_eps)
+    return cfg, threat
+
+
+def _prepare(
+    model: nn.Module,
+    train_data: TrainData,
+    test_data: TrainData | None,
+    cfg: TrainConfig,
+    threat: ThreatModel,
+    out: str | Path,
+    optimizer: torch.optim.Optimizer | None,
+    scheduler: Any,
+    scheduler_interval: str,
+    device: str | None,
+    meta: dict[str, Any],
+) -> Run:
+    """Validate model, data, optimiser and options, and build the step. Writes nothing."""
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    out = _check_out(out)
+    info, dev = _devices(cfg, device)
+    train_src, test_src = (
+        as_source(train_data, "train_data"),
+        as_source(test_data, "test_data") if test_data is not None else None,
+    )
+    model = model.to(dev)
+    k = probe_num_classes(model, train_src, dev, meta.get("num_classes"))
+    check_source(train_src, threat, k, "train_data")
+    if test_src is not None:
+        check_source(test_src, threat, k, "test_data")
+    input_shape = tuple(train_src.take(torch.arange(1))[0].shape[1:])
+    threat.check_fits(input_shape)
+    augment = _augment_choice(cfg, meta, input_shape)
+    train_src, held = _hold_out(cfg, train_src)
+    if scheduler_interval not in ("epoch", "batch"):
+        raise ConfigError(f"scheduler_interval must be 'epoch' or 'batch', got {scheduler_interval!r}")
+    if scheduler is not None and not callable(getattr(scheduler, "step", None)):
+        raise ConfigError(f"scheduler must be a torch LR scheduler with .step(), got {type(scheduler).__name__}")
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if cfg.sync_bn and info.enabled:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    ctx = _step_context(cfg, model, threat, optimizer, info, dev)
+    meta = _metadata(cfg, meta, threat, k, input_shape, dev, info)
+    board = Board(out) if cfg.tensorboard and info.is_main else None
+    if dev.type == "cuda":
+        train_src = train_src.to(dev)
+    return Run(
+        cfg, out, info, dev, model, ctx, train_src, test_src, held, meta, augment, scheduler, scheduler_interval, board=board
+    )
+
+
+def _check_out(out: str | Path) -> Path:
+    if out is None or str(out).strip() == "":
+        raise RunDirError("--out must name a run directory, got an empty path")
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise RunDirError(f"--out {path} is a file, not a run directory; choose another --out")
+    return path
+
+
+def _devices(cfg: TrainConfig, device: str | None) -> tuple[dist.DistInfo, torch.device]:
+    info = dist.from_env()
+    dev = pick_device(device)
+    if info.enabled and dev.type == "cuda":
+        dev = torch.device("cuda", info.local_rank)
+        torch.cuda.set_device(dev)
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS is deterministic only with a fixed workspace
+        torch.backends.cudnn.benchmark = False
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    return info, dev
+
+
+def _augment_choice(cfg: TrainConfig, meta: dict[str, Any], input_shape: tuple[int, ...]) -> bool:
+    augment = bool(meta.get("augment_default", False)) if cfg.augment is None else cfg.augment
+    if augment and len(input_shape) != 3:
+        raise ConfigError(f"--augment needs image inputs (C, H, W); the data has shape {input_shape}; use --no-augment")
+    return augment
+
+
+def _hold_out(cfg: TrainConfig, source: Source) -> tuple[Source, Source | None]:
+    """Hold out the last max(eval_pgd, 500 for fast) training examples for per-epoch PGD accuracy."""
+    n = max(cfg.eval_pgd, GUARD_N if cfg.method == "fast" else 0)
+    if n == 0:
+        return source, None
+    if len(source) <= 2 * n:
+        raise ConfigError(
+            f"holding out {n} examples for the per-epoch PGD check needs more than {2 * n} training examples, "
+            f"the data has {len(source)}; lower --eval-pgd or use more data"
+        )
+    return source.split(n)
+
+
+def _step_context(
+    cfg: TrainConfig,
+    model: nn.Module,
+    threat: ThreatModel,
+    optimizer: torch.optim.Optimizer | None,
+    info: dist.DistInfo,
+    dev: torch.device,
+) -> StepContext:
+    if optimizer is None:
+        optimizer = build_optimizer(cfg, model)
+    check_optimizer(optimizer, model)
+    generator = torch.Generator(device=dev).manual_seed(cfg.seed * 1000 + info.rank)
+    torch.manual_seed(cfg.seed * 1000 + info.rank + 1)  # dropout: different per rank, fixed per seed
+    outer: nn.Module = model
+    if info.enabled:
+        dist.setup(info, dev)
+        outer = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    if cfg.compile:
+        outer = torch.compile(outer)
+    return context_for(cfg, outer, model, optimizer, threat, generator)
+
+
+def context_for(
+    cfg: TrainConfig,
+    outer: nn.Module,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    threat: ThreatModel,
+    generator: torch.Generator,
+) -> StepContext:
+    """The step context of ``cfg``: its objective, AMP mode and options, wired to the given modules."""
+    step_size = cfg.step_size if cfg.step_size is not None else (threat.eps if cfg.method == "free" else None)
+    objective = make_objective(cfg.method, threat, alpha=cfg.alpha, beta=cfg.beta, steps=cfg.steps, step_size=step_size)
+    amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]
+    device_type = next(model.parameters()).device.type
+    scaler = torch.amp.GradScaler(device_type) if cfg.amp == "fp16" else None
+    return StepContext(outer, model, optimizer, threat, objective, generator, cfg.replays, amp_dtype, scaler, cfg.grad_clip)
+
+
+def _metadata(
+    cfg: TrainConfig,
+    meta: dict[str, Any],
+    threat: ThreatModel,
+    k: int,
+    input_shape: tuple[int, ...],
+    dev: torch.device,
+    info: dist.DistInfo,
+) -> dict[str, Any]:
+    """config.json: what load_model needs to rebuild the net, the threat, every training argument, versions."""
     import numpy
     import safetensors
 
     return {
         "model": cfg.model,
-        "dataset": cfg.dataset,
-        "num_classes": data.num_classes,
-        "input_shape": list(data.input_shape),
-        "normalization": {"mean": list(data.mean), "std": list(data.std)},
-        "pixel_eps": cfg.pixel_eps,
+        "model_kwargs": cfg.model_kwargs,
+        "dataset": meta.get("dataset", cfg.data or "custom"),
+        "num_classes": k,
+        "input_shape": list(input_shape),
+        "normalization": meta.get("normalization"),
+        "threat": {"norm": threat.norm, "eps": threat.eps, "bounds": list(threat.bounds)},
+        "pixel_eps": threat.eps,
         "train": dataclasses.asdict(cfg),
-        "device": str(device),
+        "device": str(dev),
         "world_size": info.world_size,
         "versions": {
             "robustopt": __version__,
@@ -140,12 +395,29 @@ def run_metadata(cfg: TrainConfig, data: Dataset, device: torch.device, info: di
     }
 
 
+# ---------------------------------------------------------------------------- run directory
+
+
+def _open_run_dir(run: Run, *, resume: bool, overwrite: bool) -> None:
+    """After every check has passed: replace, resume or start the run directory."""
+    do_resume = prepare_run_dir(run.out, run.cfg, resume=resume, overwrite=overwrite) if run.info.is_main else resume
+    do_resume = do_resume and (run.out / CHECKPOINT).exists()
+    if do_resume:
+        run.prog, run.ctx.state, _ = load_checkpoint(
+            run.out / CHECKPOINT, run.model, run.ctx.optimizer, run.ctx.generator, run.device
+        )
+        _replay_scheduler(run)
+        run.log(f"resuming {run.out} at epoch {run.prog.epoch + 1}, batch {run.prog.batch}")
+    if run.info.is_main:
+        write_json(run.out / CONFIG, run.meta)
+
+
 def prepare_run_dir(out: Path, cfg: TrainConfig, *, resume: bool, overwrite: bool) -> bool:
     """Check ``out`` against the request. Returns True when a checkpoint should be resumed."""
     if out.exists() and not out.is_dir():
         raise RunDirError(f"--out {out} is a file, not a run directory; choose another --out")
     if overwrite:
-        for name in (CONFIG, MODEL, CHECKPOINT, SUMMARY, "metrics.jsonl"):
+        for name in (CONFIG, MODEL, CHECKPOINT, SUMMARY, BEST, "metrics.jsonl"):
             (out / name).unlink(missing_ok=True)
         return False
     if not (out / CONFIG).exists():
@@ -164,18 +436,157 @@ def prepare_run_dir(out: Path, cfg: TrainConfig, *, resume: bool, overwrite: boo
     return (out / CHECKPOINT).exists()
 
 
-def _guard_check(ctx: StepContext, held: tuple[torch.Tensor, torch.Tensor], device: torch.device) -> float:
-    """PGD-10 accuracy on a held-out batch: Wong et al.'s catastrophic-overfitting check."""
-    x, y = to_float(held[0]).to(device), held[1].to(device)
-    model = ctx.attack_model
-    was = model.training
-    model.eval()
-    x_adv = perturb(model, x, y, ctx.threat, steps=10, random_start=True, generator=ctx.generator)
-    with torch.no_grad():
-        acc = float((model(x_adv).argmax(1) == y).float().mean())
-    model.train(was)
-    total, ranks = dist.all_sum([acc, 1.0], device)  # random starts differ per rank; all must take the same decision
-    return total / ranks
+def _replay_scheduler(run: Run) -> None:
+    """A user's scheduler object is a function of how often it stepped: step it as often again."""
+    if run.scheduler is not None:
+        for _ in range(int(run.prog.extra.get("scheduler_steps", 0))):
+            run.scheduler.step()
+
+
+def _checkpoint(run: Run) -> None:
+    if run.info.is_main:
+        save_checkpoint(
+            run.out / CHECKPOINT,
+            run.model,
+            run.ctx.optimizer,
+            run.ctx.generator,
+            run.ctx.state,
+            run.prog,
+            run.cfg.training_keys(),
+        )
+
+
+# ---------------------------------------------------------------------------- epochs
+
+
+def _train_epoch(run: Run) -> None:
+    """One epoch from ``run.prog``'s position: steps, periodic checkpoints, then the epoch's report."""
+    cfg, prog = run.cfg, run.prog
+    epoch = prog.epoch
+    run.model.train()
+    iters = num_batches(len(run.train), cfg.batch_size, run.info)
+    t0, last_save = time.monotonic() - prog.seconds, time.monotonic()
+    bar = make_bar(run.bar, iters, prog.batch, epoch, cfg.epochs)
+    stream = batches(run.train, cfg.batch_size, seed=cfg.seed, epoch=epoch, info=run.info, device=run.device, start=prog.batch)
+    for x, y in stream:
+        _one_batch(run, x, y, iters)
+        bar.update(1)
+        bar.set_postfix(loss=f"{prog.loss_sum / prog.seen:.4f}", acc=f"{prog.correct / prog.seen:.3f}")
+        if time.monotonic() - last_save > 60 * cfg.checkpoint_minutes and prog.batch < iters:
+            prog.seconds = time.monotonic() - t0
+            _checkpoint(run)
+            last_save = time.monotonic()
+    bar.close()
+    if run.scheduler is not None and run.scheduler_interval == "epoch":
+        run.scheduler.step()
+        prog.extra["scheduler_steps"] = prog.extra.get("scheduler_steps", 0) + 1
+    _end_epoch(run, time.monotonic() - t0)
+
+
+def _one_batch(run: Run, x: torch.Tensor, y: torch.Tensor, iters: int) -> None:
+    cfg, prog = run.cfg, run.prog
+    if run.augment:
+        from robustopt.data.augment import augment_batch
+
+        x = augment_batch(x, run.ctx.generator)
+    if cfg.channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    if run.scheduler is None:
+        set_scheduled_lr(run.ctx.optimizer, lr_factor(cfg, prog.epoch, prog.batch, iters))
+    loss, logits = train_step(run.ctx, x, y)
+    if not math.isfinite(loss):
+        raise ConfigError(f"training diverged (loss {loss}) at epoch {prog.epoch + 1}; lower --lr")
+    if run.scheduler is not None and run.scheduler_interval == "batch":
+        run.scheduler.step()
+        prog.extra["scheduler_steps"] = prog.extra.get("scheduler_steps", 0) + 1
+    prog.loss_sum += loss * len(y)
+    prog.correct += float((logits.argmax(1) == y).sum())
+    prog.seen += len(y)
+    prog.batch += 1
+
+
+def _end_epoch(run: Run, seconds: float) -> None:
+    """Metrics of the finished epoch, the guard and best weights, then files and the log line."""
+    cfg, prog, info = run.cfg, run.prog, run.info
+    loss_sum, correct, seen = dist.all_sum([prog.loss_sum, prog.correct, prog.seen], run.device)
+    row: dict[str, Any] = {
+        "epoch": prog.epoch + 1,
+        "loss": loss_sum / max(seen, 1.0),
+        "train_acc": correct / max(seen, 1.0),
+        "train_acc_on": "clean batches" if cfg.method == "standard" else "perturbed batches",
+        "test_acc": source_accuracy(run.model, run.test, run.device, info) if run.test is not None else None,
+        "seconds": round(seconds, 3),
+        "lr": run.ctx.optimizer.param_groups[0]["lr"],
+    }
+    if run.held is not None and cfg.eval_pgd > 0:
+        _robust_accuracy(run, row)
+    if cfg.method == "fast":
+        _fast_guard(run, row)
+    prog.history.append(row)
+    if info.is_main:
+        run.log(epoch_line(row, cfg.epochs))
+        if run.board is not None:
+            run.board.epoch(row)
+    prog.epoch, prog.batch, prog.loss_sum, prog.correct, prog.seen, prog.seconds = prog.epoch + 1, 0, 0.0, 0.0, 0.0, 0.0
+    if info.is_main:
+        save_model(run.out / MODEL, run.model, {"epoch": prog.epoch})
+        write_metrics(run.out, prog.history)
+    _checkpoint(run)
+
+
+def _robust_accuracy(run: Run, row: dict[str, Any]) -> None:
+    """Per-epoch PGD accuracy on the held-out examples; keep the best weights (Rice et al. 2020)."""
+    cfg, prog = run.cfg, run.prog
+    held = run.held.head(cfg.eval_pgd)  # type: ignore[union-attr]
+    acc = pgd_accuracy(
+        run.model, held, run.ctx.threat, cfg.eval_pgd_steps, run.device, run.info, seed=cfg.seed * 7919 + prog.epoch
+    )
+    row.update(pgd_acc=acc, pgd_steps=cfg.eval_pgd_steps, pgd_n=len(held))
+    if cfg.keep_best and acc > prog.extra.get("best_pgd_acc", -1.0):
+        prog.extra.update(best_pgd_acc=acc, best_epoch=prog.epoch + 1)
+        if run.info.is_main:
+            save_model(run.out / BEST, run.model, {"epoch": prog.epoch + 1, "pgd_acc": acc})
+
+
+def _fast_guard(run: Run, row: dict[str, Any]) -> None:
+    """Wong et al.'s guard: restore the best weights and stop when held-out PGD accuracy collapses."""
+    cfg, prog, ctx = run.cfg, run.prog, run.ctx
+    held = run.held.head(GUARD_N)  # type: ignore[union-attr]
+    assert held.x is not None and held.y is not None, "the guard holds its examples in memory"
+    row["guard_pgd_acc"] = _guard_check(ctx, (held.x, held.y), run.device)
+    best = prog.extra.get("best_guard", -1.0)
+    if row["guard_pgd_acc"] >= best:
+        prog.extra["best_guard"] = row["guard_pgd_acc"]
+        ctx.state.update({f"best.{k}": v.detach().clone() for k, v in run.model.state_dict().items()})
+    elif row["guard_pgd_acc"] < best - cfg.guard_drop:
+        run.log(
+            f"catastrophic overfitting: held-out PGD accuracy fell from {best:.3f} to {row['guard_pgd_acc']:.3f}; "
+            "restoring the best weights and stopping"
+        )
+        run.model.load_state_dict({k[5:]: v for k, v in ctx.state.items() if k.startswith("best.")})
+        prog.extra["stopped"] = prog.epoch + 1
+        if run.test is not None:
+            row["test_acc"] = source_accuracy(run.model, run.test, run.device, run.info)  # of the restored weights
+
+
+def _finish(run: Run) -> dict[str, Any]:
+    history = run.prog.history
+    summary = {
+        "epochs": run.prog.epoch,
+        "test_acc": history[-1]["test_acc"] if history else None,
+        "pgd_acc": history[-1].get("pgd_acc") if history else None,
+        "best_pgd_acc": run.prog.extra.get("best_pgd_acc"),
+        "best_epoch": run.prog.extra.get("best_epoch"),
+        "train_seconds": sum(r["seconds"] for r in history),
+        "stopped_early_at": run.prog.extra.get("stopped"),
+    }
+    if run.info.is_main:
+        write_json(run.out / SUMMARY, summary)
+    dist.barrier()
+    return summary
+
+
+# ---------------------------------------------------------------------------- named configurations
 
 
 def train(
@@ -186,155 +597,53 @@ def train(
     device: str | None = None,
     resume: bool = False,
     overwrite: bool = False,
-    progress_bar: bool = True,
+    progress_bar: bool | None = None,
     log: Log = print,
 ) -> dict[str, Any]:
-    """Train a model by robust optimisation and save it to the run directory ``out``.
+    """Train the model and data a :class:`TrainConfig` names (built-in, factory or file) with :func:`fit`.
 
     Returns the summary dict (also written to ``out/summary.json``).
     """
-    info = dist.from_env()
-    dev = pick_device(device)
-    if info.enabled and dev.type == "cuda":
-        dev = torch.device("cuda", info.local_rank)
-        torch.cuda.set_device(dev)
-    if cfg.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS is deterministic only with a fixed workspace
-        torch.backends.cudnn.benchmark = False
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    out = Path(out)
-    data = load_dataset(cfg.dataset, data_dir).subset(cfg.subset)
-    threat = ThreatModel(cfg.norm, cfg.pixel_eps)
-    threat.check_fits(data.input_shape)
-    x_train, y_train = data.x_train, data.y_train
-    x_test, y_test = data.x_test[: cfg.test_subset], data.y_test[: cfg.test_subset]  # [:None] is all of them
-    held = None
-    if cfg.method == "fast":  # hold out 500 training images for the overfitting guard
-        if len(y_train) <= 1000:
-            raise ConfigError("method 'fast' needs more than 1000 training images (500 are held out for its PGD guard)")
-        x_train, y_train, held = x_train[:-500], y_train[:-500], (x_train[-500:], y_train[-500:])
-    if dev.type == "cuda":  # keep the whole uint8 dataset on the GPU: batches never wait on the host
-        x_train, y_train = x_train.to(dev), y_train.to(dev)
-
-    do_resume = (
-        prepare_run_dir(out, cfg, resume=resume, overwrite=overwrite) if info.is_main else resume and (out / CHECKPOINT).exists()
-    )
-    dist.setup(info, dev)
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, mean=data.mean, std=data.std, num_classes=data.num_classes, input_shape=data.input_shape).to(
-        dev
-    )
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if cfg.sync_bn and info.enabled:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    generator = torch.Generator(device=dev).manual_seed(cfg.seed * 1000 + info.rank)
-    torch.manual_seed(cfg.seed * 1000 + info.rank + 1)  # dropout: different per rank, fixed per seed
-    method_state: dict[str, torch.Tensor] = {}
-    prog = Progress()
-    if do_resume:
-        prog, method_state, _ = load_checkpoint(out / CHECKPOINT, model, optimizer, generator, dev)
-        log(f"resuming {out} at epoch {prog.epoch + 1}, batch {prog.batch}")
-    if info.is_main:
-        write_json(out / CONFIG, run_metadata(cfg, data, dev, info))
-
-    train_model: nn.Module = model
-    if info.enabled:
-        train_model = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
-    if cfg.compile:
-        train_model = torch.compile(train_model)
-    amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]
-    scaler = torch.amp.GradScaler(dev.type) if cfg.amp == "fp16" else None
-    ctx = StepContext(train_model, model, optimizer, threat, cfg, generator, amp_dtype, scaler, method_state)
-
-    iters = num_batches(len(y_train), cfg.batch_size, info)
-    last_save = time.monotonic()
-
-    def checkpoint() -> None:
-        if info.is_main:
-            save_checkpoint(out / CHECKPOINT, model, optimizer, generator, ctx.state, prog, cfg.training_keys())
-
-    start_wall = time.monotonic()
-    while prog.epoch < cfg.epochs and not prog.extra.get("stopped"):
-        epoch = prog.epoch
-        model.train()
-        t0 = time.monotonic() - prog.seconds
-        bar = tqdm(
-            total=iters,
-            initial=prog.batch,
-            desc=f"epoch {epoch + 1}/{cfg.epochs}",
-            leave=False,
-            disable=not (progress_bar and info.is_main),
-            unit="batch",
-        )
-        for x, y in batches(
-            x_train, y_train, cfg.batch_size, seed=cfg.seed, epoch=epoch, info=info, device=dev, start=prog.batch
-        ):
-            if cfg.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(cfg, epoch, prog.batch, iters)
-            loss, logits = train_step(ctx, x, y)
-            if not math.isfinite(loss):
-                raise ConfigError(f"training diverged (loss {loss}) at epoch {epoch + 1}; lower --lr")
-            prog.loss_sum += loss * len(y)
-            prog.correct += float((logits.argmax(1) == y).sum())
-            prog.seen += len(y)
-            prog.batch += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{prog.loss_sum / prog.seen:.4f}", acc=f"{prog.correct / prog.seen:.3f}")
-            if time.monotonic() - last_save > 60 * cfg.checkpoint_minutes and prog.batch < iters:
-                prog.seconds = time.monotonic() - t0
-                checkpoint()
-                last_save = time.monotonic()
-        bar.close()
-        seconds = time.monotonic() - t0
-        loss_sum, correct, seen = dist.all_sum([prog.loss_sum, prog.correct, prog.seen], dev)
-        test_acc = accuracy(model, x_test, y_test, dev, info)
-        row = {
-            "epoch": epoch + 1,
-            "loss": loss_sum / seen,
-            "train_acc": correct / seen,
-            "test_acc": test_acc,
-            "seconds": round(seconds, 3),
-            "lr": optimizer.param_groups[0]["lr"],
-        }
-        if held is not None:
-            row["guard_pgd_acc"] = _guard_check(ctx, held, dev)
-            best = prog.extra.get("best_guard", -1.0)
-            if row["guard_pgd_acc"] >= best:
-                prog.extra["best_guard"] = row["guard_pgd_acc"]
-                ctx.state.update({f"best.{k}": v.detach().clone() for k, v in model.state_dict().items()})
-            elif row["guard_pgd_acc"] < best - cfg.guard_drop:
-                log(
-                    f"catastrophic overfitting: held-out PGD accuracy fell from {best:.3f} to {row['guard_pgd_acc']:.3f}; "
-                    "restoring the best weights and stopping"
-                )
-                model.load_state_dict({k[5:]: v for k, v in ctx.state.items() if k.startswith("best.")})
-                prog.extra["stopped"] = epoch + 1
-                row["test_acc"] = accuracy(model, x_test, y_test, dev, info)  # of the restored weights
-        prog.history.append(row)
-        if info.is_main:
-            log(
-                f"epoch {epoch + 1}/{cfg.epochs}  loss {row['loss']:.4f}  train acc {row['train_acc']:.4f}  "
-                f"test acc {test_acc:.4f}  {seconds:.1f}s"
-            )
-        prog.epoch, prog.batch, prog.loss_sum, prog.correct, prog.seen, prog.seconds = epoch + 1, 0, 0.0, 0.0, 0.0, 0.0
-        if info.is_main:
-            save_model(out / MODEL, model, {"epoch": epoch + 1})
-            write_metrics(out, prog.history)
-        checkpoint()
-        last_save = time.monotonic()
-
-    summary = {
-        "epochs": prog.epoch,
-        "test_acc": prog.history[-1]["test_acc"] if prog.history else None,
-        "train_seconds": sum(r["seconds"] for r in prog.history),
-        "wall_seconds": time.monotonic() - start_wall,
-        "stopped_early_at": prog.extra.get("stopped"),
+    data = load_dataset(cfg.data or cfg.dataset, data_dir).subset(cfg.subset)
+    threat = ThreatModel(cfg.norm, cfg.pixel_eps_for(data.std))
+    torch.manual_seed(cfg.seed)  # the initial weights
+    model = build_net(cfg.model, cfg.model_kwargs, data)
+    meta = {
+        "dataset": cfg.data or cfg.dataset,
+        "num_classes": data.num_classes,
+        "normalization": {"mean": list(data.mean), "std": list(data.std)},
+        "augment_default": _augments_by_default(data),
     }
-    if info.is_main:
-        write_json(out / SUMMARY, summary)
-    dist.barrier()
-    return summary
+    test = (data.x_test[: cfg.test_subset], data.y_test[: cfg.test_subset])  # [:None] is all of them
+    return fit(
+        model,
+        (data.x_train, data.y_train),
+        out=out,
+        threat=threat,
+        test_data=test,
+        config=cfg,
+        device=device,
+        resume=resume,
+        overwrite=overwrite,
+        progress_bar=progress_bar,
+        log=log,
+        meta=meta,
+    )
+
+
+def build_net(name: str, kwargs: dict[str, Any], data: Dataset) -> nn.Module:
+    """A built-in architecture for ``data``, or the user's ``package.module:factory``."""
+    if is_factory_spec(name):
+        return build_from_spec(name, kwargs)
+    if kwargs:
+        raise ConfigError(f"--model-kwargs is only for package.module:factory models, not the built-in {name!r}")
+    return build_model(name, mean=data.mean, std=data.std, num_classes=data.num_classes, input_shape=data.input_shape)
+
+
+def _augments_by_default(data: Dataset) -> bool:
+    """Crop + flip by default for CIFAR and image folders (published CIFAR numbers use it), not MNIST-like data."""
+    try:
+        from robustopt.data.augment import default_augment
+    except ImportError:  # the augmentation module is optional until it lands
+        return False
+    return bool(default_augment(data))

@@ -1,21 +1,32 @@
-"""Training methods: what one minibatch does. The epoch loop in :mod:`robustopt.training.loop` is shared.
+"""Training objectives: what one minibatch minimises, usable in any training loop.
 
-All adversarial methods minimise ``α·J(x) + (1 − α)·J(x̃)`` with ``x̃`` from the threat model:
+:func:`robust_loss` returns a scalar whose backward pass gives the weight gradients of the
+chosen objective. Its inner maximisation runs through :func:`robustopt.threat.perturb`: input
+gradients only, BatchNorm statistics untouched, train/eval mode left as found.
 
-* ``standard``: α = 1 (no perturbation is built).
-* ``goodfellow``: α = 0.5 by default, one first-order step (FGSM training, Goodfellow et al. 2015).
-* ``robust``: α = 0 by default, one first-order step: Algorithm 1 of Shaham et al.
-* ``pgd``: multi-step projected ascent from a random start (Madry et al. 2018).
-* ``fast``: one step of size 1.25ε from a random start (Wong et al. 2020).
-* ``free``: each minibatch is replayed ``m`` times; every backward pass gives both the weight
-  gradient and the input gradient, and the perturbation is carried over (Shafahi et al. 2019).
+With ``J`` the per-example cross-entropy and ``x̃`` the inner maximiser in the threat model:
 
-The perturbation pass computes input gradients only (see :func:`robustopt.threat.perturb.perturb`).
+* ``standard``:   ``J(x)``.
+* ``goodfellow``: ``α·J(x) + (1 − α)·J(x + ε·d(∇ₓJ))``, α = 0.5 (Goodfellow et al. 2015).
+* ``robust``:     ``J(x̃)`` with x̃ the first-order closed form: Algorithm 1 of Shaham et al.
+  (arXiv 1511.05432), any norm; ``α`` mixes in the clean loss.
+* ``pgd``:        ``J(x̃)``, x̃ by projected ascent from a random start (Madry et al. 2018).
+* ``fast``:       one step of 1.25ε from a uniform random start (Wong et al. 2020).
+* ``trades``:     ``J(x) + β·KL(p(x) ‖ p(x̃))``, x̃ maximising that KL from ``x + 0.001·N(0, I)``
+  (Zhang et al. 2019), β = 6.
+* ``mart``:       ``BCE(p(x̃), y) + β·KL(p(x) ‖ p(x̃))·(1 − p_y(x))`` (Wang et al. 2020), β = 6,
+  with ``BCE = −log p_y(x̃) − log(1 − max_{k≠y} p_k(x̃))`` and x̃ from PGD on J.
+
+``free`` (Shafahi et al. 2019) replays each minibatch and updates the weights inside the inner
+loop, so it is a method of :func:`robustopt.fit`, not an objective: see :func:`free_step`.
+
+Shapes: x (B, ...) inside ``threat.bounds``, y (B,) int64 class indices, logits (B, K).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,123 +34,289 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from robustopt.errors import ConfigError
 from robustopt.threat.model import ThreatModel
 from robustopt.threat.perturb import ascend, perturb
-from robustopt.training.config import TrainConfig
 
 Tensor = torch.Tensor
+
+OBJECTIVES = ("standard", "goodfellow", "robust", "pgd", "fast", "trades", "mart")
+METHODS = (*OBJECTIVES, "free")
+DEFAULT_BETA = {"trades": 6.0, "mart": 6.0}
+TRADES_START = 0.001  # std of the Gaussian start of TRADES' and MART's inner maximisation
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A method and its options, resolved to concrete values (see :func:`make_objective`)."""
+
+    method: str
+    alpha: float  # weight of the clean loss (goodfellow / robust / pgd / fast)
+    beta: float  # weight of the robustness term (trades / mart)
+    steps: int  # inner-max steps
+    step_size: float  # inner-max step α per iteration, pixel units
+    random_start: bool
+
+
+def make_objective(
+    method: str,
+    threat: ThreatModel,
+    *,
+    alpha: float | None = None,
+    beta: float | None = None,
+    steps: int | None = None,
+    step_size: float | None = None,
+) -> Objective:
+    """Validate a method's options and fill in the defaults of its paper.
+
+    Defaults: α = 0.5 for goodfellow, else 0; β = 6; steps 10 for pgd/trades/mart, else 1;
+    step size ε for one step, 1.25ε for fast, 2.5ε/steps for PGD-style methods."""
+    if method not in METHODS:
+        raise ConfigError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+    if alpha is None:
+        alpha = 0.5 if method == "goodfellow" else 0.0
+    beta = DEFAULT_BETA.get(method, 0.0) if beta is None else beta
+    steps = (10 if method in ("pgd", "trades", "mart") else 1) if steps is None else steps
+    if step_size is None:
+        step_size = 1.25 * threat.eps if method == "fast" else threat.default_step_size(steps)
+    _check_option("alpha", alpha, 0.0, 1.0)
+    _check_option("beta", beta, 0.0, math.inf)
+    _check_option("step-size", step_size, 0.0, math.inf)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ConfigError(f"steps must be a whole number >= 1, got {steps!r}")
+    if method not in ("standard",) and threat.eps <= 0:
+        raise ConfigError(f"method {method!r} needs eps > 0, got {threat.eps:g}")
+    return Objective(method, float(alpha), float(beta), int(steps), float(step_size), method in ("pgd", "fast"))
+
+
+def _check_option(name: str, value: Any, lo: float, hi: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (lo <= value <= hi) or math.isnan(value):
+        bound = f"between {lo:g} and {hi:g}" if math.isfinite(hi) else f">= {lo:g}"
+        raise ConfigError(f"{name} must be a number {bound}, got {value!r}")
+
+
+def robust_loss(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    threat: ThreatModel,
+    method: str = "robust",
+    *,
+    alpha: float | None = None,
+    beta: float | None = None,
+    steps: int | None = None,
+    step_size: float | None = None,
+    generator: torch.Generator | None = None,
+    attack_model: nn.Module | None = None,
+) -> Tensor:
+    """The scalar training loss of ``method`` on the batch (x, y); call ``.backward()`` on it.
+
+    Drop it into any loop (plain PyTorch, Lightning, Accelerate)::
+
+        loss = robust_loss(model, x, y, ThreatModel("linf", 8 / 255), "trades", beta=6.0)
+        optimizer.zero_grad(); loss.backward(); optimizer.step()
+
+    Args:
+        model: maps inputs in ``threat.bounds`` to logits (B, K); used for the loss.
+        x: (B, ...) inputs; y: (B,) labels.
+        threat: the norm, ε and domain of the inner maximisation.
+        method: one of ``standard, goodfellow, robust, pgd, fast, trades, mart``.
+        alpha, beta, steps, step_size: the method's options (defaults: :func:`make_objective`).
+        generator: seeds random starts (reproducible training).
+        attack_model: the module the inner maximisation differentiates (default ``model``; pass the
+            plain module when ``model`` is a DDP or compiled wrapper).
+    """
+    if method == "free":
+        raise ConfigError("method 'free' replays minibatches and updates inside its inner loop; use robustopt.fit for it")
+    obj = make_objective(method, threat, alpha=alpha, beta=beta, steps=steps, step_size=step_size)
+    loss, _ = objective_loss(obj, model, x, y, threat, generator=generator, attack_model=attack_model)
+    return loss
+
+
+def objective_loss(
+    obj: Objective,
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    threat: ThreatModel,
+    *,
+    generator: torch.Generator | None = None,
+    attack_model: nn.Module | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(scalar loss, detached logits of the batch the accuracy is reported on)."""
+    attacker = model if attack_model is None else attack_model
+    if obj.method == "trades":
+        return _trades(obj, model, attacker, x, y, threat, generator)
+    if obj.method == "mart":
+        return _mart(obj, model, attacker, x, y, threat, generator)
+    alpha = 1.0 if obj.method == "standard" else obj.alpha
+    if 0.0 < alpha < 1.0 and obj.steps == 1 and not obj.random_start:
+        return _single_step_mixed(obj, model, x, y, threat, alpha)
+    loss = x.new_zeros(())
+    logits = None
+    if alpha > 0.0:
+        logits = model(x)
+        loss = loss + alpha * F.cross_entropy(logits.float(), y)
+    if alpha < 1.0:
+        x_adv = perturb(
+            attacker, x, y, threat, steps=obj.steps, step_size=obj.step_size, random_start=obj.random_start, generator=generator
+        )
+        logits = model(x_adv)  # accuracy is reported on the perturbed batch
+        loss = loss + (1.0 - alpha) * F.cross_entropy(logits.float(), y)
+    assert logits is not None
+    return loss, logits.detach()
+
+
+def _single_step_mixed(
+    obj: Objective, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, alpha: float
+) -> tuple[Tensor, Tensor]:
+    """Goodfellow-style ``α·J(x) + (1 − α)·J(x + ε·d(∇ₓJ(x)))`` with one forward pass of x, not two.
+
+    The clean term's graph already holds ∇ₓJ(x): it is taken with ``autograd.grad`` w.r.t. the
+    input only (graph kept), so the perturbation costs a backward pass to the input and no extra
+    forward. The same gradient as ``perturb(steps=1)`` from x."""
+    x_req = x.detach().requires_grad_(True)
+    per_example = F.cross_entropy(model(x_req).float(), y, reduction="none")
+    (grad,) = torch.autograd.grad(per_example.sum(), x_req, retain_graph=True)
+    x_adv = ascend(threat, x.detach(), x.detach(), grad, obj.step_size, iterative=False).detach()
+    logits = model(x_adv)
+    loss = alpha * per_example.mean() + (1.0 - alpha) * F.cross_entropy(logits.float(), y)
+    return loss, logits.detach()
+
+
+def kl_per_example(p_logits: Tensor, q_logits: Tensor) -> Tensor:
+    """KL(p ‖ q) = Σ_k p_k (log p_k − log q_k) per example, from logits (B, K) -> (B,)."""
+    log_p = F.log_softmax(p_logits.float(), dim=1)
+    log_q = F.log_softmax(q_logits.float(), dim=1)
+    return (log_p.exp() * (log_p - log_q)).sum(dim=1)
+
+
+def _gaussian_start(x: Tensor, threat: ThreatModel, generator: torch.Generator | None) -> Tensor:
+    """``x + 0.001·N(0, I)`` projected onto ball ∩ box: TRADES' and MART's start."""
+    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return threat.project(x + TRADES_START * noise, x)
+
+
+def _trades(
+    obj: Objective, model: nn.Module, attacker: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, gen: torch.Generator | None
+) -> tuple[Tensor, Tensor]:
+    """TRADES: ``CE(f(x), y) + β·mean_i KL(p(x_i) ‖ p(x̃_i))``; x̃ ascends the KL to the clean output."""
+    with torch.no_grad():
+        target = attacker(x).detach()  # p(x) is a constant of the inner maximisation
+    x_adv = perturb(
+        attacker,
+        x,
+        target,
+        threat,
+        steps=obj.steps,
+        step_size=obj.step_size,
+        loss_fn=lambda logits, t: kl_per_example(t, logits),
+        x_init=_gaussian_start(x, threat, gen),
+    )
+    clean = model(x)
+    adv = model(x_adv)
+    loss = F.cross_entropy(clean.float(), y) + obj.beta * kl_per_example(clean, adv).mean()
+    return loss, adv.detach()
+
+
+def _mart(
+    obj: Objective, model: nn.Module, attacker: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, gen: torch.Generator | None
+) -> tuple[Tensor, Tensor]:
+    """MART: boosted CE on x̃ plus β·KL(p(x) ‖ p(x̃)) weighted by 1 − p_y(x) (misclassification-aware)."""
+    x_adv = perturb(attacker, x, y, threat, steps=obj.steps, step_size=obj.step_size, x_init=_gaussian_start(x, threat, gen))
+    clean = model(x)
+    adv = model(x_adv)
+    adv_probs = F.softmax(adv.float(), dim=1)
+    wrong = adv_probs.scatter(1, y[:, None], -1.0).argmax(dim=1)  # most likely wrong class, (B,)
+    boosted = F.cross_entropy(adv.float(), y) + F.nll_loss(torch.log(1.0001 - adv_probs + 1e-12), wrong)
+    true_prob = F.softmax(clean.float(), dim=1).gather(1, y[:, None]).squeeze(1)
+    loss = boosted + obj.beta * (kl_per_example(clean, adv) * (1.0000001 - true_prob)).mean()
+    return loss, adv.detach()
+
+
+# ---------------------------------------------------------------------------- the optimiser step
 
 
 @dataclass
 class StepContext:
-    """What a training step needs; ``state`` holds tensors a method carries between batches."""
+    """What one training step needs; ``state`` holds tensors a method carries between batches."""
 
     model: nn.Module  # possibly DDP/compiled: used for the weight update
     attack_model: nn.Module  # the plain module: used for the inner maximisation
     optimizer: torch.optim.Optimizer
     threat: ThreatModel
-    cfg: TrainConfig
+    objective: Objective
     generator: torch.Generator
+    replays: int = 1
     amp_dtype: torch.dtype | None = None
     scaler: torch.amp.GradScaler | None = None
+    grad_clip: float | None = None
     state: dict[str, Tensor] = field(default_factory=dict)
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.amp_dtype is None:
             return contextlib.nullcontext()
-        device_type = next(self.model.parameters()).device.type
+        device_type = next(self.attack_model.parameters()).device.type
         return torch.autocast(device_type, dtype=self.amp_dtype)
 
 
-def _update(ctx: StepContext, loss: Tensor, params: list[Tensor] | None = None) -> None:
-    """Backward and one optimiser step; ``params`` limits the backward pass to the weights (skips ∇ₓ)."""
-    ctx.optimizer.zero_grad(set_to_none=True)
-    if ctx.scaler is not None:
-        ctx.scaler.scale(loss).backward(inputs=params)
-        ctx.scaler.step(ctx.optimizer)
-        ctx.scaler.update()
-    else:
-        loss.backward(inputs=params)
-        ctx.optimizer.step()
-
-
-def adversarial_step(ctx: StepContext, x: Tensor, y: Tensor) -> tuple[float, Tensor]:
-    """One optimiser step on ``α·J(x) + (1 − α)·J(x̃)``. Returns (loss, logits of the trained-on batch)."""
-    cfg = ctx.cfg
-    alpha = 1.0 if cfg.method == "standard" else cfg.clean_weight
-    random_start = cfg.method in ("pgd", "fast")
-    if 0.0 < alpha < 1.0 and cfg.inner_steps == 1 and not random_start:
-        return _single_step_mixed(ctx, x, y, alpha)
-    with ctx.autocast():
-        x_adv = None
-        if alpha < 1.0:
-            x_adv = perturb(
-                ctx.attack_model,
-                x,
-                y,
-                ctx.threat,
-                steps=cfg.inner_steps,
-                step_size=cfg.inner_step_size,
-                random_start=random_start,
-                generator=ctx.generator,
-            )
-        loss = torch.zeros((), device=x.device)
-        logits = None
-        if alpha > 0.0:
-            logits = ctx.model(x)
-            loss = loss + alpha * F.cross_entropy(logits.float(), y)
-        if x_adv is not None:
-            logits = ctx.model(x_adv)
-            loss = loss + (1.0 - alpha) * F.cross_entropy(logits.float(), y)
-    _update(ctx, loss)
-    assert logits is not None
-    return float(loss.detach()), logits.detach()
-
-
-def _single_step_mixed(ctx: StepContext, x: Tensor, y: Tensor, alpha: float) -> tuple[float, Tensor]:
-    """Goodfellow-style ``α·J(x) + (1 − α)·J(x + ε·d(∇ₓJ(x)))`` with one forward pass of x, not two.
-
-    The clean term's forward pass already holds ∇ₓJ(x): it is taken with ``autograd.grad``
-    (input only, graph kept), so the perturbation costs a backward pass to the input and no
-    extra forward. Same gradient as :func:`~robustopt.threat.perturb.perturb` with ``steps=1`` from x
-    (a dropout net sees one mask for both, which the two-pass version does not)."""
+def update(ctx: StepContext, loss: Tensor) -> None:
+    """Backward (to the weights only) and one optimiser step, with AMP scaling and clipping."""
     params = [p for p in ctx.model.parameters() if p.requires_grad]
-    x_req = x.detach().requires_grad_(True)
+    ctx.optimizer.zero_grad(set_to_none=True)
+    (ctx.scaler.scale(loss) if ctx.scaler is not None else loss).backward(inputs=params)
+    _finish_step(ctx)
+
+
+def objective_step(ctx: StepContext, x: Tensor, y: Tensor) -> tuple[float, Tensor]:
+    """One optimiser step on the objective. Returns (loss, logits of the batch the accuracy is on)."""
     with ctx.autocast():
-        per_example = F.cross_entropy(ctx.model(x_req).float(), y, reduction="none")
-        (grad,) = torch.autograd.grad(per_example.sum(), x_req, retain_graph=True)
-        x_adv = ascend(ctx.threat, x, x, grad, ctx.cfg.inner_step_size or ctx.threat.eps, iterative=False).detach()
-        logits = ctx.model(x_adv)
-        loss = alpha * per_example.mean() + (1.0 - alpha) * F.cross_entropy(logits.float(), y)
-    _update(ctx, loss, params)
-    return float(loss.detach()), logits.detach()
+        loss, logits = objective_loss(
+            ctx.objective, ctx.model, x, y, ctx.threat, generator=ctx.generator, attack_model=ctx.attack_model
+        )
+    update(ctx, loss)
+    return float(loss.detach()), logits
 
 
 def free_step(ctx: StepContext, x: Tensor, y: Tensor) -> tuple[float, Tensor]:
-    """Shafahi et al.'s "free" adversarial training: m replays, one backward pass each.
+    """Shafahi et al.'s "free" adversarial training: ``replays`` passes, one backward pass each.
 
-    Each backward pass yields ∇_θ (used for the optimiser step) and ∇ₓ (used for an ascent
-    step on δ, which persists across replays and minibatches).
+    Each backward pass yields ∇_θ (used for the optimiser step) and ∇ₓ (used for an ascent step
+    on δ, which persists across replays and minibatches).
     """
     delta = ctx.state.get("free_delta")
     if delta is None or delta.shape != x.shape:
         delta = torch.zeros_like(x)
-    alpha = ctx.cfg.inner_step_size or ctx.threat.eps
     loss_value, logits = 0.0, None
-    for _ in range(ctx.cfg.replays):
+    for _ in range(ctx.replays):
         x_adv = ctx.threat.project(x + delta, x).requires_grad_(True)
         with ctx.autocast():
             logits = ctx.model(x_adv)
             loss = F.cross_entropy(logits.float(), y)
-        _update(ctx, loss)  # the same backward fills x_adv.grad
+        ctx.optimizer.zero_grad(set_to_none=True)
+        (ctx.scaler.scale(loss) if ctx.scaler is not None else loss).backward()  # fills the weights' and x_adv's .grad
         grad = x_adv.grad if ctx.scaler is None else x_adv.grad / ctx.scaler.get_scale()
-        delta = ascend(ctx.threat, x_adv.detach(), x, grad, alpha, iterative=True) - x
+        _finish_step(ctx)
+        delta = ascend(ctx.threat, x_adv.detach(), x, grad, ctx.objective.step_size, iterative=True) - x
         loss_value = float(loss.detach())
     ctx.state["free_delta"] = delta.detach()
     assert logits is not None
     return loss_value, logits.detach()
 
 
+def _finish_step(ctx: StepContext) -> None:
+    """The optimiser step after a backward pass already made (clipping and AMP unscaling included)."""
+    if ctx.scaler is not None:
+        ctx.scaler.unscale_(ctx.optimizer)
+    if ctx.grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_([p for p in ctx.model.parameters() if p.requires_grad], ctx.grad_clip)
+    if ctx.scaler is not None:
+        ctx.scaler.step(ctx.optimizer)
+        ctx.scaler.update()
+    else:
+        ctx.optimizer.step()
+
+
 def train_step(ctx: StepContext, x: Tensor, y: Tensor) -> tuple[float, Tensor]:
-    """Dispatch on the method: the only per-method branch in training."""
-    return free_step(ctx, x, y) if ctx.cfg.method == "free" else adversarial_step(ctx, x, y)
+    """Dispatch on the method: the only per-method branch of the loop."""
+    return free_step(ctx, x, y) if ctx.objective.method == "free" else objective_step(ctx, x, y)

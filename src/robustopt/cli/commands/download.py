@@ -8,7 +8,7 @@ import typer
 
 
 def download_command(
-    name: str = typer.Argument(..., help="mnist | fashion-mnist | cifar10"),
+    name: str = typer.Argument(..., help="mnist | fashion-mnist | cifar10 | cifar100"),
     dest: Path | None = typer.Option(None, "--dest", help="Target directory  [default: the user cache]"),
 ) -> None:
     """Download a dataset's canonical files and verify their checksums (never done implicitly)."""

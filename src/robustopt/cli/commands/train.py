@@ -1,17 +1,29 @@
-"""``robustopt train``: flags (and ``--config FILE.toml``) mapped onto :class:`TrainConfig`."""
+"""``robustopt train``: one flag per :class:`TrainConfig` field, generated from the dataclass.
+
+Each field's name, type, default and help text become an option (``batch_size`` → ``--batch-size``;
+booleans get ``--x/--no-x``; numbers accept ``8/255``; lists take ``100,150``; tables take JSON).
+``--config FILE.toml`` takes the same keys; flags win. Nothing is restated by hand, so ``--help``
+and the config cannot drift apart.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import json
 import os
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
 import typer
 
 from robustopt.errors import ConfigError
-from robustopt.training.config import CONFIG_KEYS, make_config, read_toml
+from robustopt.training.config import CONFIG_KEYS, TrainConfig, make_config, read_toml
 
 RUNTIME_KEYS = {"out", "data_dir", "device", "resume", "overwrite"}
+HINTS = typing.get_type_hints(TrainConfig)
 
 
 def _runtime_keys(values: dict[str, Any]) -> dict[str, Any]:
@@ -24,61 +36,126 @@ def _runtime_keys(values: dict[str, Any]) -> dict[str, Any]:
     return runtime
 
 
-def train_command(
-    config: Path | None = typer.Option(None, "--config", help="TOML file with the same keys as the flags; flags win."),
-    dataset: str | None = typer.Option(None, help="mnist | fashion-mnist | cifar10  [default: mnist]"),
-    model: str | None = typer.Option(None, help="paper-mnist | paper-cifar | resnet18 | mlp  [default: paper-mnist]"),
-    method: str | None = typer.Option(None, help="standard | goodfellow | robust | pgd | fast | free  [default: robust]"),
-    norm: str | None = typer.Option(None, help="linf | l2 | l1  [default: linf]"),
-    eps: str | None = typer.Option(None, help="Radius ε, e.g. 0.3 or 8/255  [default: 0.1]"),
-    eps_units: str | None = typer.Option(None, help="pixel | standardized (the paper's units: ε·σ in pixels)  [default: pixel]"),
-    alpha: str | None = typer.Option(None, help="Weight of the clean loss  [default: 0.5 goodfellow, else 0]"),
-    steps: int | None = typer.Option(None, help="Inner-max steps  [default: 1; 10 for pgd]"),
-    step_size: str | None = typer.Option(None, help="Inner-max step  [default: ε; 2.5ε/steps for pgd; 1.25ε fast]"),
-    replays: int | None = typer.Option(None, help="Free training: replays per minibatch  [default: 4]"),
-    epochs: int | None = typer.Option(None, help="[default: 10]"),
-    batch_size: int | None = typer.Option(None, help="[default: 100]"),
-    lr: str | None = typer.Option(None, help="[default: 0.01]"),
-    momentum: str | None = typer.Option(None, help="[default: 0.9]"),
-    weight_decay: str | None = typer.Option(None, help="L2 penalty  [default: 1e-3]"),
-    schedule: str | None = typer.Option(None, help="constant | step | onecycle  [default: constant]"),
-    lr_step: int | None = typer.Option(None, help="step schedule: halve lr every N epochs  [default: 25]"),
-    subset: int | None = typer.Option(None, help="Train on the first N training images."),
-    test_subset: int | None = typer.Option(None, help="Per-epoch test accuracy on the first N test images  [default: all]"),
-    seed: int | None = typer.Option(None, help="Seeds data order, init, dropout and random starts  [default: 0]"),
-    amp: str | None = typer.Option(None, help="off | bf16 | fp16 mixed precision  [default: off]"),
-    compile: bool | None = typer.Option(None, "--compile/--no-compile", help="torch.compile the model."),
-    channels_last: bool | None = typer.Option(None, "--channels-last/--no-channels-last"),
-    sync_bn: bool | None = typer.Option(None, "--sync-bn/--no-sync-bn", help="SyncBatchNorm under torchrun."),
-    deterministic: bool | None = typer.Option(None, "--deterministic/--no-deterministic"),
-    checkpoint_minutes: str | None = typer.Option(None, help="Also checkpoint every N minutes  [default: 10]"),
-    out: Path | None = typer.Option(None, "--out", help="Run directory  [default: runs/<method>-<norm>]"),
-    data_dir: Path | None = typer.Option(None, "--data-dir", help="Where to look for datasets first."),
-    device: str | None = typer.Option(None, help="auto | cpu | cuda | cuda:N | mps  [default: auto]"),
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace whatever --out holds."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
-) -> None:
-    """Train a classifier by robust optimisation (Algorithm 1) and save it to a run directory."""
+def _base_type(hint: Any) -> Any:
+    """``int | None`` -> int; ``list[int]`` -> list."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return _base_type(args[0])
+    return typing.get_origin(hint) or hint
+
+
+def _option(f: dataclasses.Field) -> inspect.Parameter:
+    """A typer option for one config field; its default is None so that only given flags override the TOML."""
+    kind = _base_type(HINTS[f.name])
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    shown = "none" if default is None else (",".join(map(str, default)) if isinstance(default, list) else default)
+    help_text, _, stated = f.metadata.get("help", "").partition(" [default: ")
+    shown = json.dumps(default) if isinstance(default, dict) else str(shown)  # typer prints it as [default: ...]
+    shown = stated.rstrip("]") or shown  # a default the help spells out, such as "10 for pgd, else 1"
+    flag = "--" + f.name.replace("_", "-")
+    if kind is bool:
+        option = typer.Option(None, f"{flag}/--no-{f.name.replace('_', '-')}", help=help_text, show_default=shown)
+        annotation: Any = bool | None
+    else:
+        option = typer.Option(None, flag, help=help_text, show_default=shown)
+        annotation = int | None if kind is int else str | None
+    return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation)
+
+
+def _parse_flag(name: str, text: Any) -> Any:
+    """Strings from the command line -> the field's type (numbers stay strings: the config parses 8/255)."""
+    kind = _base_type(HINTS[name])
+    if not isinstance(text, str):
+        return text
+    if kind is list:
+        try:
+            return [int(v) for v in text.replace(" ", "").split(",") if v]
+        except ValueError:
+            raise ConfigError(
+                f"--{name.replace('_', '-')} must be comma-separated whole numbers such as 100,150, got {text!r}"
+            ) from None
+    if kind is dict:
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--{name.replace('_', '-')} must be a JSON object such as '{{\"width\": 64}}': {e}") from None
+    return text
+
+
+def train_command(**kwargs: Any) -> None:
+    """Train a classifier by robust optimisation (Algorithm 1 and its relatives) into a run directory."""
     from robustopt.training.loop import train
 
-    flags = {k: v for k, v in locals().items() if k in CONFIG_KEYS and v is not None}
+    config: Path | None = kwargs.pop("config")
+    flags = {k: _parse_flag(k, v) for k, v in kwargs.items() if k in CONFIG_KEYS and v is not None}
     values: dict[str, Any] = read_toml(config, CONFIG_KEYS | RUNTIME_KEYS) if config else {}
     values.update(flags)
     runtime = _runtime_keys(values)
     cfg = make_config(values)
-    run_dir = out or runtime.get("out") or Path("runs") / f"{cfg.method}-{cfg.norm}"
+    out = kwargs["out"] if kwargs["out"] is not None else runtime.get("out")
+    run_dir = Path(out) if out is not None else Path("runs") / f"{cfg.method}-{cfg.norm}"
     train(
         cfg,
         run_dir,
-        data_dir=data_dir or runtime.get("data_dir"),
-        device=device or runtime.get("device"),
-        resume=resume or bool(runtime.get("resume")),
-        overwrite=overwrite or bool(runtime.get("overwrite")),
-        progress_bar=progress,
+        data_dir=kwargs["data_dir"] or runtime.get("data_dir"),
+        device=kwargs["device"] or runtime.get("device"),
+        resume=kwargs["resume"] or bool(runtime.get("resume")),
+        overwrite=kwargs["overwrite"] or bool(runtime.get("overwrite")),
+        progress_bar=kwargs["progress"],
     )
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
         typer.echo(f"saved {run_dir}")
+
+
+def _signature() -> inspect.Signature:
+    kw = inspect.Parameter.KEYWORD_ONLY
+    head = [
+        inspect.Parameter(
+            "config",
+            kw,
+            annotation=Path | None,
+            default=typer.Option(None, "--config", help="TOML file with the same keys as the flags (e.g. a recipe); flags win."),
+        ),
+    ]
+    tail = [
+        inspect.Parameter(
+            "out",
+            kw,
+            annotation=str | None,
+            default=typer.Option(None, "--out", help="Run directory", show_default="runs/<method>-<norm>"),
+        ),
+        inspect.Parameter(
+            "data_dir",
+            kw,
+            annotation=Path | None,
+            default=typer.Option(None, "--data-dir", help="Where to look for built-in datasets first."),
+        ),
+        inspect.Parameter(
+            "device",
+            kw,
+            annotation=str | None,
+            default=typer.Option(None, help="auto | cpu | cuda | cuda:N | mps", show_default="auto"),
+        ),
+        inspect.Parameter(
+            "resume", kw, annotation=bool, default=typer.Option(False, "--resume", help="Continue an interrupted run in --out.")
+        ),
+        inspect.Parameter(
+            "overwrite",
+            kw,
+            annotation=bool,
+            default=typer.Option(False, "--overwrite", help="Replace whatever --out holds (only after every check has passed)."),
+        ),
+        inspect.Parameter(
+            "progress",
+            kw,
+            annotation=bool | None,
+            default=typer.Option(None, "--progress/--no-progress", help="Progress bars", show_default="only on a terminal"),
+        ),
+    ]
+    return inspect.Signature(head + [_option(f) for f in dataclasses.fields(TrainConfig)] + tail)
+
+
+train_command.__signature__ = _signature()  # type: ignore[attr-defined]
 
 
 def register(app: typer.Typer) -> None:

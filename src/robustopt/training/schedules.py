@@ -1,0 +1,77 @@
+"""Optimisers and learning-rate schedules named in a :class:`~robustopt.training.config.TrainConfig`.
+
+A built-in schedule is a pure function of the position in training, ``t = epoch + it/iters``,
+applied as a factor on each parameter group's initial lr at every batch. Being stateless, it
+resumes exactly without saving anything:
+
+* ``constant``: 1;
+* ``step``: ``γ^⌊epoch / lr_step⌋`` (γ = 0.5 unless ``lr_gamma``);
+* ``multistep``: ``γ^(number of milestones ≤ epoch)`` (γ = 0.1 unless ``lr_gamma``; Rice et al., TRADES);
+* ``cosine``: ``(1 + cos(π·t/epochs)) / 2``;
+* ``onecycle``: linear from 0 to 1 over the first 40% of training, then linearly to 0 (Wong et al. 2020).
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+
+import torch
+from torch import nn
+
+from robustopt.errors import ConfigError
+from robustopt.training.config import TrainConfig
+
+
+def lr_factor(cfg: TrainConfig, epoch: int, it: int, iters: int) -> float:
+    """The schedule's multiplier at iteration ``it`` of ``epoch`` (0-based), ``iters`` batches per epoch."""
+    t = (epoch + it / max(iters, 1)) / cfg.epochs  # fraction of training done, in [0, 1)
+    if cfg.schedule == "step":
+        return (0.5 if cfg.lr_gamma is None else cfg.lr_gamma) ** (epoch // cfg.lr_step)
+    if cfg.schedule == "multistep":
+        return (0.1 if cfg.lr_gamma is None else cfg.lr_gamma) ** bisect.bisect_right(cfg.milestones, epoch)
+    if cfg.schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * t))
+    if cfg.schedule == "onecycle":
+        return t / 0.4 if t < 0.4 else max(0.0, (1.0 - t) / 0.6)
+    return 1.0
+
+
+def learning_rate(cfg: TrainConfig, epoch: int, it: int, iters: int) -> float:
+    """The lr of a single-group optimiser built from ``cfg``."""
+    return cfg.lr * lr_factor(cfg, epoch, it, iters)
+
+
+def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """SGD (momentum, Nesterov), Adam (L2 weight decay) or AdamW (decoupled) over the trainable weights."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError("the model has no trainable parameters (all have requires_grad=False)")
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(
+        params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay
+    )
+
+
+def check_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
+    """An optimiser handed to fit must update this model's weights."""
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise ConfigError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    owned = {id(p) for p in model.parameters()}
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if not params:
+        raise ConfigError("the optimizer has no parameters; build it as torch.optim.SGD(model.parameters(), ...)")
+    if not any(id(p) in owned for p in params):
+        raise ConfigError(
+            "the optimizer's parameters are not the model's; build it from model.parameters() after moving the model"
+        )
+
+
+def set_scheduled_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    """Each group's lr = its initial lr × factor (the initial lr is remembered on first use)."""
+    for group in optimizer.param_groups:
+        group.setdefault("initial_lr", group["lr"])
+        group["lr"] = group["initial_lr"] * factor
