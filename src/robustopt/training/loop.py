@@ -646,4 +646,4 @@ def _augments_by_default(data: Dataset) -> bool:
         from robustopt.data.augment import default_augment
     except ImportError:  # the augmentation module is optional until it lands
         return False
-    return bool(default_augment(data))
+    return bool(default_augment(data.kind))
