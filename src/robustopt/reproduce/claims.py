@@ -144,11 +144,11 @@ def _verdict(wins: int, losses: int, total: int) -> str:
 
 def claim_transfer(name: str, nets: dict[str, Any], sets: dict[str, Any]) -> dict[str, Any]:
     """Claim 1: the net resists the adversarial test sets built against the baseline (beats the baseline on them)."""
-    ev, base = nets[name]["eval"], nets[baseline_of(name)]["eval"]
     cmp = {k: versus(name, nets, "eval", "transfer", k) for k in sets}
     wins, losses = sum(c > 0 for c in cmp.values()), sum(c < 0 for c in cmp.values())
     not_beaten = [
-        f"{transfer_label(sets[k])}: {pct(ev['transfer'][k])}% vs baseline {pct(base['transfer'][k])}%"
+        f"{transfer_label(sets[k])}: {cell(nets[name], 'eval', 'transfer', k)}% vs baseline "
+        f"{cell(nets[baseline_of(name)], 'eval', 'transfer', k)}%"
         + (" (lower)" if c < 0 else " (within noise)")
         for k, c in cmp.items()
         if c <= 0
@@ -208,7 +208,8 @@ def claim_harder(name: str, nets: dict[str, Any]) -> list[dict[str, Any]]:
     cmp = {nrm: versus(name, nets, "eval", "whitebox", nrm, "pgd") for nrm in ev["whitebox"]}
     wins = sum(c > 0 for c in cmp.values())
     text = "; ".join(
-        f"PGD {NORM_LABEL[nrm]}: {pct(ev['whitebox'][nrm]['pgd'])}% vs baseline {pct(base['whitebox'][nrm]['pgd'])}%"
+        f"PGD {NORM_LABEL[nrm]}: {cell(nets[name], 'eval', 'whitebox', nrm, 'pgd')}% vs baseline "
+        f"{cell(nets[baseline_of(name)], 'eval', 'whitebox', nrm, 'pgd')}%"
         + {1: "", 0: " (within noise: NOT above the baseline)", -1: " (lower: NOT above the baseline)"}[c]
         for nrm, c in cmp.items()
     )
