@@ -82,11 +82,11 @@ def test_bad_recipe_is_one_line_and_leaves_no_run(
 # ----------------------------------------------------------------------------- CPU smoke runs
 
 # Budget keys overridden for CPU (the recipe's every other key is used as written): one epoch on 64 synthetic images;
-# WRN-34-10 with one inner step on 32 images (10 steps of its 46M-parameter net would take minutes on one core).
+# WRN-34-10 with one inner step on 16 images (10 steps of its 46M-parameter net would take minutes on one core).
 SMOKE = {
     "cifar10-fast-preact18": ["--subset", "64", "--batch-size", "32"],
     "cifar10-pgd-preact18": ["--subset", "64", "--batch-size", "32", "--steps", "2", "--eval-pgd", "16", "--eval-pgd-steps", "1"],
-    "cifar10-trades-wrn34": ["--subset", "32", "--batch-size", "16", "--steps", "1"],
+    "cifar10-trades-wrn34": ["--subset", "16", "--batch-size", "16", "--steps", "1"],
 }
 
 
