@@ -7,6 +7,10 @@ takes ``[0, 1]`` inputs and returns logits; ``load_model("pretrained:NAME")`` is
 
     >>> from robustopt import load_pretrained
     >>> model = load_pretrained("mnist-linf-0.3")   # (B, 1, 28, 28) in [0, 1] -> (B, 10) logits
+
+To ship a model: ``robustopt train --config recipes/NAME.toml --out R``, evaluate it, then copy ``R/config.json``,
+``R/metrics.jsonl`` and the weights to ship as ``model.safetensors`` (``R/best.safetensors`` when the recipe keeps
+the best epoch) into ``src/robustopt/pretrained/NAME/``. The content hash in the weights' metadata is checked on load.
 """
 
 from __future__ import annotations
