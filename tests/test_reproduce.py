@@ -249,29 +249,32 @@ def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) 
 # ----------------------------------------------------------------------------- seeds and early validation
 
 
-def test_seeds_report_mean_and_std_and_reuse_the_first_seed(tiny: tuple[Path, dict, Schedule]) -> None:
-    """--seeds 2 into a single-seed directory: seed 1's runs are reused, seed 2's trained; every figure is mean ± std."""
+def test_seeds_report_mean_and_std_and_reuse_the_first_seed(tmp_path: Path) -> None:
+    """--seeds 2 after a single-seed run: seed 1's run and evaluation are reused, seed 2's trained; figures are mean ± std."""
     import statistics
 
-    out, _, _ = tiny
-    two = reproduce(Schedule(**{**TINY, "seeds": 2}), out, progress=False, log=quiet)
+    mini = {**TINY, "nets": ("baseline",), "subset": 300, "eval_n": 40, "curve_n": 20, "minimal_n": 10, "sanity_n": 0}
+    mini.pop("sanity_nets")
+    reproduce(Schedule(**mini), tmp_path, progress=False, log=quiet)
+    two = reproduce(Schedule(**{**mini, "seeds": 2}), tmp_path, progress=False, log=quiet)
     assert two["seeds"] == [1, 2]
-    for name, net in two["nets"].items():
-        runs = net["runs"]
-        assert [r["seed"] for r in runs] == [1, 2]
-        assert [Path(r["run_dir"]).name for r in runs] == [name, f"{name}-seed2"]
-        assert runs[0]["status"] == "reused" and runs[1]["status"] == "trained"
-        accs = [r["test_acc"] for r in runs]
-        assert net["test_acc"] == pytest.approx(statistics.fmean(accs))
-        assert net["std"]["test_acc"] == pytest.approx(statistics.stdev(accs))
-        evals = [json.loads((out / "eval" / f"{name}{sfx}.json").read_text()) for sfx in ("", "-seed2")]
-        pgd = [ev["whitebox"]["linf"]["pgd"] for ev in evals]
-        assert net["eval"]["whitebox"]["linf"]["pgd"] == pytest.approx(statistics.fmean(pgd))
-        pooled = [d for ev in evals for d in ev["minimal"]["l2"]["dists"]]  # per-image distances of both seeds
-        assert net["eval"]["minimal"]["l2"]["dists"] == pooled
-    report = (out / "report.md").read_text()
+    net = two["nets"]["baseline"]
+    runs = net["runs"]
+    assert [r["seed"] for r in runs] == [1, 2] and [Path(r["run_dir"]).name for r in runs] == ["baseline", "baseline-seed2"]
+    assert [r["status"] for r in runs] == ["reused", "trained"]
+    assert json.loads((tmp_path / "runs" / "baseline-seed2" / "config.json").read_text())["train"]["seed"] == 2
+    accs = [r["test_acc"] for r in runs]
+    assert net["test_acc"] == pytest.approx(statistics.fmean(accs))
+    assert net["std"]["test_acc"] == pytest.approx(statistics.stdev(accs))
+    evals = [json.loads((tmp_path / "eval" / f"baseline{sfx}.json").read_text()) for sfx in ("", "-seed2")]
+    pgd = [ev["whitebox"]["linf"]["pgd"] for ev in evals]
+    assert net["eval"]["whitebox"]["linf"]["pgd"] == pytest.approx(statistics.fmean(pgd))
+    assert net["std"]["eval"]["whitebox"]["linf"]["pgd"] == pytest.approx(statistics.stdev(pgd))
+    assert net["eval"]["minimal"]["l2"]["dists"] == [d for ev in evals for d in ev["minimal"]["l2"]["dists"]]  # pooled
+    report = (tmp_path / "report.md").read_text()
     assert "mean ± std over 2 seeds" in report and " ± " in report.split("| test set |")[1].splitlines()[2]
-    assert sum(c["check"].endswith(", seed 2") for c in two["sanity"]["robust-linf"]) > 0
+    assert sum(c["check"].endswith(", seed 2") for c in two["sanity"]["baseline"]) > 0
+    assert two["invocations"][-1]["evaluated"] == ["baseline-seed2"]  # seed 1's evaluation came from the cache
 
 
 def test_seed_spread_widens_the_noise_band() -> None:
@@ -323,3 +326,19 @@ def test_cli_seeds_and_schedule_flags(tmp_path: Path, capsys: pytest.CaptureFixt
         err = capsys.readouterr().err.strip()
         assert e.value.code == 2 and err.startswith("robustopt: error:") and len(err.splitlines()) == 1, err
     assert not (tmp_path / "o").exists() and len(seen) == 1
+
+
+def test_authors_plans_and_the_example_columns() -> None:
+    import numpy as np
+
+    from robustopt.reproduce.plots import disagreements
+
+    mnist, cifar = load_schedule("mnist", "authors"), load_schedule("cifar10", "authors")
+    assert (mnist.epochs, mnist.pgd_epochs, mnist.subset, mnist.eval_n) == (120, 120, None, 10000)
+    assert (cifar.models, cifar.epochs, cifar.lr, cifar.lr_step) == (("paper-cifar",), 300, 1.0, 25)
+    # rows = nets, columns = images: only columns where some net is fooled and another is not are shown
+    correct = np.array([[1, 1, 0, 1, 0, 1], [1, 0, 0, 1, 1, 1]], dtype=bool)
+    idx, disagree = disagreements(correct, 8)
+    assert disagree and idx.tolist() == [1, 4]
+    idx, disagree = disagreements(np.ones((2, 5), dtype=bool), 3)
+    assert not disagree and idx.tolist() == [0, 1, 2]  # no disagreement: the first images, and the title says so
