@@ -200,20 +200,21 @@ def _gaussian_start(x: Tensor, threat: ThreatModel, generator: torch.Generator |
 def _trades(
     obj: Objective, model: nn.Module, attacker: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, gen: torch.Generator | None
 ) -> tuple[Tensor, Tensor]:
-    """TRADES: ``CE(f(x), y) + β·mean_i KL(p(x_i) ‖ p(x̃_i))``; x̃ ascends the KL to the clean output."""
-    with torch.no_grad():
-        target = attacker(x).detach()  # p(x) is a constant of the inner maximisation
+    """TRADES: ``CE(f(x), y) + β·mean_i KL(p(x_i) ‖ p(x̃_i))``; x̃ ascends the KL to the clean output.
+
+    The clean forward pass serves twice: its detached output is the constant p(x) of the inner
+    maximisation, and its graph carries the CE and KL terms' gradients."""
+    clean = model(x)
     x_adv = perturb(
         attacker,
         x,
-        target,
+        clean.detach(),
         threat,
         steps=obj.steps,
         step_size=obj.step_size,
-        loss_fn=lambda logits, t: kl_per_example(t, logits),
+        loss_fn=lambda logits, target: kl_per_example(target, logits),
         x_init=_gaussian_start(x, threat, gen),
     )
-    clean = model(x)
     adv = model(x_adv)
     loss = F.cross_entropy(clean.float(), y) + obj.beta * kl_per_example(clean, adv).mean()
     return loss, adv.detach()
