@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 
 from robustopt.errors import CheckpointError, ConfigError, DataError, RobustoptError, RunDirError  # noqa: E402
 from robustopt.models.zoo import Normalized  # noqa: E402
+from robustopt.pretrained import load_pretrained  # noqa: E402
 from robustopt.runs import load_model  # noqa: E402
 from robustopt.threat.model import ThreatModel  # noqa: E402
 from robustopt.threat.perturb import perturb, preserve_state  # noqa: E402
@@ -29,6 +30,7 @@ __all__ = [
     "__version__",
     "fit",
     "load_model",
+    "load_pretrained",
     "perturb",
     "preserve_state",
     "robust_loss",

@@ -181,9 +181,12 @@ def load_model(
     ``package.module:factory`` (called with its recorded keyword arguments). Pass ``model`` to load
     the weights into a module you built yourself (needed for a module handed to ``fit`` as an
     object). ``weights="best"`` loads ``best.safetensors``, the epoch of best held-out PGD accuracy.
-    The returned module plugs straight into torchattacks, AutoAttack or foolbox.
+    The returned module plugs straight into torchattacks, AutoAttack or foolbox. ``"pretrained:NAME"`` loads a
+    model shipped with robustopt (:mod:`robustopt.pretrained`).
     """
-    d = Path(run_dir)
+    from robustopt.pretrained import resolve_run  # local: a shipped model is a run directory in the package
+
+    d = resolve_run(run_dir)
     if not d.is_dir():
         raise RunDirError(f"run directory {d} does not exist")
     if weights not in ("model", "best"):

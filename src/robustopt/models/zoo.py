@@ -12,6 +12,7 @@ every input shape its architecture allows:
   ones are average-pooled after the last block).
 * ``resnet18``: pre-activation ResNet-18 (He et al. 2016). Images of any size.
 * ``wrn-D-W`` (``wrn-28-10``, ``wrn-34-10``, …): WideResNet, see :mod:`robustopt.models.wrn`. Images of any size.
+* ``small-cnn``: the TRADES MNIST net (Zhang et al. 2019): four conv3×3 layers and two FC 200 layers. 28×28 images.
 * ``mlp``: a small two-layer perceptron on flattened inputs: images or flat feature vectors (D,).
 """
 
@@ -185,6 +186,26 @@ class PreActResNet18(nn.Module):
         return self.linear(out)
 
 
+class SmallCNN(nn.Module):
+    """The TRADES MNIST net (Zhang et al. 2019): conv3×3 32, 32, max-pool 2; conv3×3 64, 64, max-pool 2 (all ReLU);
+    FC 1024→200, ReLU, dropout 0.5, FC 200→200, ReLU, FC K. Input (B, C, 28, 28) in [0,1] -> logits (B, K)."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], num_classes: int = 10, in_channels: int = 1) -> None:
+        super().__init__()
+        self.normalize = Normalize(mean, std)
+        self.features = nn.Sequential(
+            InputConv2d(in_channels, 32, 3), nn.ReLU(), nn.Conv2d(32, 32, 3), nn.ReLU(), nn.MaxPool2d(2, 2),  # 28→26→24→12
+            nn.Conv2d(32, 64, 3), nn.ReLU(), nn.Conv2d(64, 64, 3), nn.ReLU(), nn.MaxPool2d(2, 2),  # 12→10→8→4
+        )  # fmt: skip
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(64 * 4 * 4, 200), nn.ReLU(), nn.Dropout(0.5), nn.Linear(200, 200), nn.ReLU(),
+            nn.Linear(200, num_classes),
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(self.normalize(x)))
+
+
 class MLP(nn.Module):
     """Two-layer perceptron on flattened inputs; (B, C, H, W) or (B, D) -> (B, K)."""
 
@@ -212,6 +233,7 @@ ModelFactory = Callable[[Sequence[float], Sequence[float], int, tuple[int, ...]]
 # Built-in architectures by name: factory(mean, std, num_classes, input_shape). Any ``wrn-D-W`` also resolves.
 MODELS: dict[str, ModelFactory] = {
     "paper-mnist": lambda mean, std, k, shape: PaperMNIST(mean, std, k, in_channels=shape[0]),
+    "small-cnn": lambda mean, std, k, shape: SmallCNN(mean, std, k, in_channels=shape[0]),
     "paper-cifar": lambda mean, std, k, shape: PaperCIFAR(mean, std, k, in_channels=shape[0]),
     "resnet18": lambda mean, std, k, shape: PreActResNet18(mean, std, k, in_channels=shape[0]),
     "wrn-28-10": _wrn(28, 10),
@@ -220,7 +242,7 @@ MODELS: dict[str, ModelFactory] = {
 }
 
 # Image side lengths each convolutional architecture accepts: (smallest, largest); None: no bound.
-_SIDES: dict[str, tuple[int | None, int | None]] = {"paper-mnist": (None, 32), "paper-cifar": (32, None)}
+_SIDES: dict[str, tuple[int | None, int | None]] = {"paper-mnist": (None, 32), "paper-cifar": (32, None), "small-cnn": (28, 28)}
 
 
 def resolve_model(name: str) -> ModelFactory:

@@ -4,7 +4,8 @@ The paper (Shaham et al., arXiv 1511.05432) claims that robust optimisation (1) 
 adversarial examples built against a baseline, (2) makes new adversarial examples harder to
 generate and (3) does not cost (even improves) clean accuracy. :func:`claims` checks each claim
 per net against the baseline with a two-standard-error rule: a difference smaller than
-``2·sqrt(p(1-p)/n + q(1-q)/n)`` is called *inconclusive*, never a win. Everything here is a pure
+``2·sqrt(p(1-p)/n + q(1-q)/n + (s_p² + s_q²)/K)`` is called *inconclusive*, never a win (``s`` the std over
+K training seeds: with several seeds the seed-to-seed spread counts as noise too). Everything here is a pure
 function of the results dict that :func:`robustopt.reproduce.report.assemble` builds.
 """
 
@@ -15,14 +16,18 @@ from typing import Any
 
 import numpy as np
 
+from robustopt.reproduce.seeds import at, cell
+
 NORM_LABEL = {"linf": "ℓ∞", "l2": "ℓ2", "l1": "ℓ1"}
 FAST_NAME = {"linf": "FGSM", "l2": "fast ℓ2", "l1": "fast ℓ1 (one pixel)"}
 TOL = 0.01  # slack of the sanity checks (random starts, small n)
 
 
-def compare(a: float, b: float, n_a: int, n_b: int) -> int:
-    """+1 if accuracy a is above b by more than two standard errors, -1 if below, 0 if within noise."""
-    se = math.sqrt(a * (1 - a) / max(n_a, 1) + b * (1 - b) / max(n_b, 1))
+def compare(a: float, b: float, n_a: int, n_b: int, sd: tuple[float, float] = (0.0, 0.0), k: int = 1) -> int:
+    """+1 if accuracy a is above b by more than two standard errors, -1 if below, 0 if within noise.
+
+    a and b are means over ``k`` seeds whose stds are ``sd`` (0 for one seed), each seed on n images."""
+    se = math.sqrt(a * (1 - a) / max(n_a, 1) + b * (1 - b) / max(n_b, 1) + (sd[0] ** 2 + sd[1] ** 2) / max(k, 1))
     margin = max(2 * se, 1e-9)
     return 1 if a - b > margin else -1 if b - a > margin else 0
 
@@ -49,6 +54,20 @@ def groups(schedule: Any) -> list[tuple[str, list[str]]]:
     if len(schedule.models) == 1:
         return [(schedule.models[0], list(schedule.nets))]
     return [(m, [f"{m}/{n}" for n in schedule.nets]) for m in schedule.models]
+
+
+def spread(net: dict[str, Any], *path: str) -> float:
+    """The std over seeds of the figure at ``path`` (0 for a single seed)."""
+    v = at(net.get("std"), *path)
+    return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else 0.0
+
+
+def versus(name: str, nets: dict[str, Any], *path: str) -> int:
+    """:func:`compare` of the figure at ``path`` of net ``name`` against its baseline's, seeds' spread included."""
+    net, base = nets[name], nets[baseline_of(name)]
+    n = at(net, "eval", "n") or 1
+    return compare(at(net, *path), at(base, *path), n, at(base, "eval", "n") or 1, (spread(net, *path), spread(base, *path)),
+                   len(net.get("runs") or [None]))  # fmt: skip
 
 
 def baseline_of(name: str) -> str:
@@ -126,8 +145,7 @@ def _verdict(wins: int, losses: int, total: int) -> str:
 def claim_transfer(name: str, nets: dict[str, Any], sets: dict[str, Any]) -> dict[str, Any]:
     """Claim 1: the net resists the adversarial test sets built against the baseline (beats the baseline on them)."""
     ev, base = nets[name]["eval"], nets[baseline_of(name)]["eval"]
-    n = ev["n"]
-    cmp = {k: compare(ev["transfer"][k], base["transfer"][k], n, base["n"]) for k in sets}
+    cmp = {k: versus(name, nets, "eval", "transfer", k) for k in sets}
     wins, losses = sum(c > 0 for c in cmp.values()), sum(c < 0 for c in cmp.values())
     not_beaten = [
         f"{transfer_label(sets[k])}: {pct(ev['transfer'][k])}% vs baseline {pct(base['transfer'][k])}%"
@@ -187,7 +205,7 @@ def claim_harder(name: str, nets: dict[str, Any]) -> list[dict[str, Any]]:
                 "text": text,
             }
         )
-    cmp = {nrm: compare(wb["pgd"], base["whitebox"][nrm]["pgd"], ev["n"], base["n"]) for nrm, wb in ev["whitebox"].items()}
+    cmp = {nrm: versus(name, nets, "eval", "whitebox", nrm, "pgd") for nrm in ev["whitebox"]}
     wins = sum(c > 0 for c in cmp.values())
     text = "; ".join(
         f"PGD {NORM_LABEL[nrm]}: {pct(ev['whitebox'][nrm]['pgd'])}% vs baseline {pct(base['whitebox'][nrm]['pgd'])}%"
@@ -207,8 +225,9 @@ def claim_harder(name: str, nets: dict[str, Any]) -> list[dict[str, Any]]:
 
 def claim_clean(name: str, nets: dict[str, Any], n_test: int) -> dict[str, Any]:
     """Claim 3: clean accuracy does not suffer (the paper: it improves), on the n_test test images behind test_acc."""
-    a, b = nets[name]["test_acc"], nets[baseline_of(name)]["test_acc"]
-    c = compare(a, b, n_test, n_test)
+    net, base = nets[name], nets[baseline_of(name)]
+    a, b = net["test_acc"], base["test_acc"]
+    c = compare(a, b, n_test, n_test, (spread(net, "test_acc"), spread(base, "test_acc")), len(net.get("runs") or [None]))
     words = {
         1: "higher than the baseline (improves)",
         0: "within noise of the baseline (does not suffer, does not improve)",
@@ -218,7 +237,7 @@ def claim_clean(name: str, nets: dict[str, Any], n_test: int) -> dict[str, Any]:
         "claim": "clean accuracy does not suffer",
         "net": name,
         "verdict": "not supported" if c < 0 else "supported",
-        "text": f"{pct(a, 2)}% vs baseline {pct(b, 2)}%: {words[c]}",
+        "text": f"{cell(net, 'test_acc', digits=2)}% vs baseline {cell(base, 'test_acc', digits=2)}%: {words[c]}",
     }
 
 

@@ -23,9 +23,33 @@ def _acc(model: nn.Module, x: Tensor, y: Tensor, attack: str, threat: ThreatMode
     return res
 
 
+def example_pool(model: nn.Module, x: Tensor, y: Tensor, s: Schedule, norm: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The net's own white-box PGD (its training norm and radius) on a pool of 8 × ``examples`` test images, from
+    which the example grid picks the images where the nets disagree. Returns tensors and what attack made them."""
+    from robustopt.evaluation.attacks import run_attack
+
+    t = ThreatModel(norm, s.pixel_radius(norm))
+    pool = min(len(y), 8 * s.examples)
+    xe, ye = x[:pool], y[:pool]
+    if pool == 0:  # examples = 0: no grid
+        return {"x_adv": xe.clone(), "pred": ye.clone(), "eps": torch.tensor([t.eps])}, {}
+    x_adv = run_attack("pgd", model, xe, ye, t, steps=s.attack_steps, generator=torch.Generator(x.device).manual_seed(s.seed))
+    with torch.no_grad():
+        pred = model(x_adv).argmax(1)
+    meta = {"attack": f"PGD-{s.attack_steps}", "norm": norm, "eps": t.eps}
+    return {"x_adv": x_adv, "pred": pred, "eps": torch.tensor([t.eps])}, meta
+
+
 def evaluate_net(
-    model: nn.Module, source: nn.Module, x: Tensor, y: Tensor, s: Schedule, sanity_norm: str | None, progress: bool = True
-) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    model: nn.Module,
+    source: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    s: Schedule,
+    sanity_norm: str | None,
+    progress: bool = True,
+    own_norm: str | None = None,
+) -> tuple[dict[str, Any], tuple[dict[str, Tensor], dict[str, Any]]]:
     """The whole protocol for one net (accuracies count an image only if correct on x and on x_adv):
 
     * ``transfer``: the paper's test sets, one fast-method step (``fgsm`` = ``perturb`` steps=1) against
@@ -35,10 +59,9 @@ def evaluate_net(
     * ``curves``: PGD accuracy against ε; ``minimal``: DeepFool minimal perturbations of the correctly
       classified images (:mod:`robustopt.evaluation.stability`).
 
-    Returns the JSON-able results and the example-grid images (PGD adversarials and predictions)."""
+    Returns the JSON-able results and the example pool (:func:`example_pool`, on ``own_norm``: the net's training norm)."""
     from tqdm import tqdm
 
-    from robustopt.evaluation.attacks import run_attack
     from robustopt.evaluation.stability import minimal_perturbations, summary
 
     t0 = time.monotonic()
@@ -94,10 +117,6 @@ def evaluate_net(
         res["minimal"][norm] = {**stats, "dists": [float(v) if math.isfinite(v) else None for v in d.tolist()]}
         bar.update(1)
     bar.close()
-    t = ThreatModel(norms[0], s.pixel_radius(norms[0]))
-    xe, ye = x[: s.examples], y[: s.examples]
-    x_adv = run_attack("pgd", model, xe, ye, t, steps=s.attack_steps, generator=torch.Generator(x.device).manual_seed(s.seed))
-    with torch.no_grad():
-        examples = {"x_adv": x_adv, "pred": model(x_adv).argmax(1), "eps": torch.tensor([t.eps])}
+    examples = example_pool(model, x, y, s, own_norm or norms[0])
     res["eval_seconds"] = round(time.monotonic() - t0, 2)
     return res, examples

@@ -12,6 +12,7 @@ import math
 from typing import Any
 
 from robustopt.reproduce.claims import FAST_NAME, NORM_LABEL, claims, groups, pct, sanity, transfer_label, transfer_sets
+from robustopt.reproduce.seeds import cell, mean_std
 
 # Clean test accuracy noted in the authors' public code (PAPER.md); MNIST, paper-mnist.
 PAPER_EPOCHS = {"mnist": 120, "cifar10": 300}  # the authors' code (PAPER.md)
@@ -21,21 +22,63 @@ PAPER_CLEAN = {"mnist": {"baseline": 0.9909, "robust-linf": 0.9934, "robust-l2":
 # ----------------------------------------------------------------------------- results
 
 
+def combine_seeds(replicas: list[tuple[int, dict[str, Any], dict[str, Any]]]) -> dict[str, Any]:
+    """Per net: the mean over seeds of every figure, its std under ``std`` (several seeds only) and each run under ``runs``.
+
+    ``replicas`` holds (seed, training info per net, evaluation per net) for every seed."""
+    per_seed = [
+        {name: {**info[name], "eval": {k: v for k, v in evals[name].items() if k != "key"}} for name in info}
+        for _, info, evals in replicas
+    ]
+    nets = {}
+    for name in per_seed[0]:
+        trees = [p[name] for p in per_seed]
+        mean, std = mean_std(trees)
+        mean["runs"] = [
+            {
+                "seed": t["seed"],
+                "status": t["status"],
+                "run_dir": t["run_dir"],
+                "test_acc": t["test_acc"],
+                "clean": t["eval"]["clean"],
+                "train_seconds": t["train_seconds"],
+                "eval_seconds": t["eval"].get("eval_seconds"),
+            }
+            for t in trees
+        ]
+        if len(trees) > 1:
+            mean["std"] = std
+        nets[name] = mean
+    return nets
+
+
+def seed_sanity(replicas: list[tuple[int, dict[str, Any], dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
+    """The sanity checks of every seed's evaluation; with several seeds each check names its seed."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for seed, info, evals in replicas:
+        for name in info:
+            tag = f", seed {seed}" if len(replicas) > 1 else ""
+            out.setdefault(name, []).extend({**c, "check": c["check"] + tag} for c in sanity(evals[name]))
+    return out
+
+
 def assemble(
     schedule: Any,
-    train_info: dict[str, Any],
-    evals: dict[str, Any],
+    replicas: list[tuple[int, dict[str, Any], dict[str, Any]]],
     *,
-    quick: bool,
+    plan: str,
     provenance: dict[str, Any],
     n_test: int = 10000,
     n_test_total: int | None = None,
 ) -> dict[str, Any]:
-    """Collect schedule, training summaries and evaluations into one results dict, then add sanity checks and claims."""
-    nets = {name: {**train_info[name], "eval": {k: v for k, v in evals[name].items() if k != "key"}} for name in train_info}
+    """Collect schedule, training summaries and evaluations (one pair per seed) into one results dict, with sanity
+    checks and claims. Every figure under ``nets`` is the mean over seeds; ``nets[name]["std"]`` holds the stds."""
+    nets = combine_seeds(replicas)
     results = {
         "dataset": schedule.dataset,
-        "quick": quick,
+        "plan": plan,
+        "quick": plan == "quick",
+        "seeds": [seed for seed, _, _ in replicas],
         "schedule": dataclasses.asdict(schedule),
         "radii": {
             n: {"given": r, "units": schedule.eps_units, "pixel": schedule.pixel_radius(n)} for n, r in schedule.radii.items()
@@ -48,7 +91,7 @@ def assemble(
         "nets": nets,
         "provenance": provenance,
     }
-    results["sanity"] = {name: sanity(net["eval"]) for name, net in nets.items()}
+    results["sanity"] = seed_sanity(replicas)
     results["claims"] = claims(results)
     return results
 
@@ -90,12 +133,12 @@ def main_table(results: dict[str, Any], names: list[str]) -> str:
     nets, paper = results["nets"], results["paper_clean"]
     n = nets[names[0]]["eval"]["n"]
     rows = [
-        [test_set_label(results)] + [pct(nets[k]["test_acc"], 2) for k in names],
+        [test_set_label(results)] + [cell(nets[k], "test_acc", digits=2) for k in names],
         ["clean, paper (authors' code)"] + [pct(paper.get(_short(k)), 2) for k in names],
-        [f"clean, first {n}"] + [pct(nets[k]["eval"]["clean"]) for k in names],
+        [f"clean, first {n}"] + [cell(nets[k], "eval", "clean") for k in names],
     ]
     for key, meta in results["transfer_sets"].items():
-        rows.append([transfer_label(meta)] + [pct(nets[k]["eval"]["transfer"][key]) for k in names])
+        rows.append([transfer_label(meta)] + [cell(nets[k], "eval", "transfer", key) for k in names])
     return _table(["test set"] + [_short(k) for k in names], rows)
 
 
@@ -107,11 +150,11 @@ def whitebox_table(results: dict[str, Any], names: list[str]) -> str:
         lab = f"{NORM_LABEL[norm]} ε={wb['eps']:.4g}"
         if "fgsm" in wb:
             rows.append(
-                [f"{FAST_NAME[norm]} (single step), {lab}"] + [pct(nets[k]["eval"]["whitebox"][norm]["fgsm"]) for k in names]
+                [f"{FAST_NAME[norm]} (single step), {lab}"] + [cell(nets[k], "eval", "whitebox", norm, "fgsm") for k in names]
             )
         rows.append(
             [f"PGD-{s['attack_steps']} ×{s['attack_restarts']} restart(s), {lab}"]
-            + [pct(nets[k]["eval"]["whitebox"][norm]["pgd"]) for k in names]
+            + [cell(nets[k], "eval", "whitebox", norm, "pgd") for k in names]
         )
     return _table(["attack against the net itself"] + [_short(k) for k in names], rows)
 
@@ -120,14 +163,17 @@ def minimal_table(results: dict[str, Any], names: list[str]) -> str:
     nets = results["nets"]
     rows = []
     for norm in nets[names[0]]["eval"]["minimal"]:
-        m = {k: nets[k]["eval"]["minimal"][norm] for k in names}
         lab = NORM_LABEL[norm]
+
+        def row(label: str, key: str, digits: int, scale: float, nrm: str = norm) -> list[str]:
+            return [label] + [cell(nets[k], "eval", "minimal", nrm, key, digits=digits, scale=scale) for k in names]
+
         rows += [
-            [f"median {lab} distance"] + [f"{m[k]['median']:.3f}" for k in names],
-            [f"mean {lab} distance (found)"] + [f"{m[k]['mean']:.3f}" for k in names],
-            [f"ρ_adv = mean ‖r‖/‖x‖ ({lab})"] + [f"{m[k]['rho_adv']:.3f}" for k in names],
-            ["found (label flipped)"] + [pct(m[k]["found_fraction"]) + "%" for k in names],
-            ["images (correctly classified)"] + [str(m[k]["n"]) for k in names],
+            row(f"median {lab} distance", "median", 3, 1.0),
+            row(f"mean {lab} distance (found)", "mean", 3, 1.0),
+            row(f"ρ_adv = mean ‖r‖/‖x‖ ({lab})", "rho_adv", 3, 1.0),
+            row("found (label flipped, %)", "found_fraction", 1, 100.0),
+            row("images (correctly classified)", "n", 0, 1.0),
         ]
     return _table(["DeepFool minimal perturbation"] + [_short(k) for k in names], rows)
 
@@ -145,8 +191,8 @@ def setup_section(results: dict[str, Any]) -> str:
         [
             f"Models: {', '.join(s['models'])}. Nets: {', '.join(s['nets'])}. Training images: {subset}; epochs: {s['epochs']} "
             f"(PGD-AT: {s['pgd_epochs']} epochs with {s['pgd_steps']} inner steps). Optimiser: SGD lr {s['lr']:g} "
-            f"({s['lr_schedule']}), momentum {s['momentum']:g}, batch {s['batch_size']}, weight decay {s['weight_decay']:g}; "
-            f"seed {s['seed']}.{paper_epochs}",
+            f"({s['lr_schedule']}), momentum {s['momentum']:g}, batch {s['batch_size']}, weight decay {s['weight_decay']:g}. "
+            f"{seeds_sentence(results)}{paper_epochs}",
             "",
             f"Evaluation on the first {s['eval_n']} test images: transfer sets built against the baseline with the paper's fast "
             f"methods at ×{', ×'.join(f'{x:g}' for x in s['transfer_scales'])} the training radii; white-box single-step and "
@@ -156,6 +202,25 @@ def setup_section(results: dict[str, Any]) -> str:
             radii,
         ]
     )
+
+
+def seeds_sentence(results: dict[str, Any]) -> str:
+    seeds = results.get("seeds") or [results["schedule"]["seed"]]
+    if len(seeds) == 1:
+        return f"Seed {seeds[0]}."
+    listed = ", ".join(map(str, seeds))
+    return f"Seeds {listed}: every net trained and evaluated once per seed; figures are mean ± std over {len(seeds)} seeds."
+
+
+def verdict_table(results: dict[str, Any]) -> str:
+    """Claim × net, one verdict per cell: the summary a reader wants first."""
+    rows: dict[str, dict[str, str]] = {}
+    for c in results["claims"]:
+        rows.setdefault(c["claim"], {})[c["net"]] = c["verdict"]
+    nets = [n for n in results["nets"] if _short(n) != "baseline"]
+    if not rows:
+        return "No claims: the plan has no net besides the baseline."
+    return _table(["claim"] + nets, [[claim] + [v.get(n, "–") for n in nets] for claim, v in rows.items()])
 
 
 def claims_section(results: dict[str, Any]) -> str:
@@ -191,32 +256,39 @@ def history_sentence(results: dict[str, Any]) -> str:
 def provenance_section(results: dict[str, Any]) -> str:
     p, nets = results["provenance"], results["nets"]
     rows = [
-        [k, v["status"], f"{v['epochs']}", f"{v['train_seconds'] or 0:.0f}", f"{v['eval'].get('eval_seconds', 0):.0f}"]
+        [k, str(r["seed"]), r["status"], f"{v['epochs']}", f"{r['train_seconds'] or 0:.0f}", f"{r['eval_seconds'] or 0:.0f}"]
         for k, v in nets.items()
+        for r in v["runs"]
     ]
     versions = ", ".join(f"{k} {v}" for k, v in p["versions"].items())
     w = results.get("wall_seconds", {})
     return "\n".join(
         [
             f"Device: {p['device']} ({p['cpu_threads']} threads), {p['platform']}. Versions: {versions}. "
-            f"Git commit: {p['git_commit'] or 'unknown'}. Seed: {results['schedule']['seed']} (training and attacks).",
+            f"Git commit: {p['git_commit'] or 'unknown'}. Each run's seed drives its training and the attacks on it.",
             "",
             f"Wall time of this invocation: {w.get('total', math.nan):.0f} s "
             f"(training phase {w.get('train_phase', math.nan):.0f} s). {history_sentence(results)}"
             "Per net (training seconds are from when it was trained; evaluation from when it was computed):",
             "",
-            _table(["net", "this invocation", "epochs", "train s", "eval s"], rows),
+            _table(["net", "seed", "this invocation", "epochs", "train s", "eval s"], rows),
         ]
     )
 
 
 def render(results: dict[str, Any]) -> str:
     """report.md: setup, the main table, white-box and minimal-perturbation tables, plots, claims, checks, provenance."""
-    mode = "quick" if results["quick"] else "full"
     parts = [
-        f"# robustopt reproduce {results['dataset']} ({mode})",
+        f"# robustopt reproduce {results['dataset']} ({results.get('plan', 'full')})",
         "",
         "Shaham, Yamada & Negahban, *Understanding Adversarial Training* (arXiv 1511.05432), re-run by `robustopt`.",
+        "",
+        "## Verdict: which of the paper's claims this run supports",
+        "",
+        "One row per claim, one column per net, each judged against the baseline; the numbers behind every verdict are "
+        "under *Claims in detail* below.",
+        "",
+        verdict_table(results),
         "",
         "## Setup",
         "",
@@ -242,6 +314,6 @@ def render(results: dict[str, Any]) -> str:
             minimal_table(results, names),
         ]
     parts += ["", "## Plots", ""] + [f"![{name}]({name})" for name in results.get("plots", [])]
-    parts += ["", "## Which of the paper's claims this run supports", "", claims_section(results)]
+    parts += ["", "## Claims in detail", "", claims_section(results)]
     parts += ["", "## Sanity checks", "", sanity_section(results), "", "## Provenance", "", provenance_section(results), ""]
     return "\n".join(parts)

@@ -65,10 +65,13 @@ def file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+PROTOCOL = 2  # bump when evaluate_net's output changes shape (2: examples on each net's own norm, a larger pool)
+
+
 def eval_key(schedule: Schedule, net_dir: Path, baseline_dir: Path) -> str:
     """Changes when the evaluation settings, the net's weights or the baseline's weights change."""
     blob = json.dumps(
-        [schedule.eval_keys(), file_digest(net_dir / MODEL), file_digest(baseline_dir / MODEL), __version__],
+        [schedule.eval_keys(), file_digest(net_dir / MODEL), file_digest(baseline_dir / MODEL), __version__, PROTOCOL],
         sort_keys=True,
         default=str,
     )
@@ -98,7 +101,8 @@ def invocation_history(previous: Path, results: dict[str, Any], fresh_evals: lis
         old = {}  # a damaged results.json is rewritten below; its history is lost, nothing else
     history = old.get("invocations") if isinstance(old, dict) else None
     history = [r for r in history if isinstance(r, dict)] if isinstance(history, list) else []
-    trained = [k for k, v in results["nets"].items() if v["status"] in ("trained", "resumed")]
+    runs = [r for net in results["nets"].values() for r in net["runs"]]
+    trained = [Path(r["run_dir"]).name for r in runs if r["status"] in ("trained", "resumed")]
     return [*history, {**results["wall_seconds"], "trained": trained, "evaluated": list(fresh_evals)}]
 
 
@@ -133,18 +137,27 @@ def provenance(device: torch.device) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- the whole job
 
 
-def train_all(s: Schedule, out: Path, *, data_dir: Path | None, device: str | None, progress: bool, log: Log) -> dict[str, Any]:
-    """Train or reuse every net; returns per net its method, radius, status and run summary."""
+def replica_suffixes(schedule: Schedule) -> list[tuple[Schedule, str]]:
+    """Each seed's single-seed schedule and the suffix of its run and cache names (none for the first seed,
+    so a ``--seeds 3`` run reuses the nets of an earlier single-seed run in the same directory)."""
+    return [(r, "" if i == 0 else f"-seed{r.seed}") for i, r in enumerate(schedule.replicas())]
+
+
+def train_all(
+    s: Schedule, out: Path, *, data_dir: Path | None, device: str | None, progress: bool, log: Log, suffix: str = ""
+) -> dict[str, Any]:
+    """Train or reuse every net (run dirs ``runs/<net><suffix>``); returns per net its method, radius, status and summary."""
     info = {}
     names = s.net_names()
     for i, name in enumerate(names, 1):
-        cfg, where = s.train_config(name), run_dir(out, name)
+        cfg, where = s.train_config(name), run_dir(out, name + suffix)
         radius = "" if cfg.method == "standard" else f" {cfg.norm} eps {cfg.pixel_eps:.4g} px"
-        log(f"[{i}/{len(names)}] {name}: {cfg.method}{radius}, {cfg.epochs} epoch(s) -> {where}")
+        log(f"[{i}/{len(names)}] {name}: {cfg.method}{radius}, {cfg.epochs} epoch(s), seed {cfg.seed} -> {where}")
         status = ensure_trained(cfg, where, data_dir=data_dir, device=device, progress=progress, log=log)
         summary = read_json(where / SUMMARY)
         info[name] = {
             "status": status,
+            "seed": cfg.seed,
             "run_dir": str(where),
             "method": cfg.method,
             "model": cfg.model,
@@ -161,9 +174,17 @@ def train_all(s: Schedule, out: Path, *, data_dir: Path | None, device: str | No
 
 
 def evaluate_all(
-    s: Schedule, out: Path, data: Dataset, dev: torch.device, *, progress: bool, log: Log, fresh: list[str] | None = None
+    s: Schedule,
+    out: Path,
+    data: Dataset,
+    dev: torch.device,
+    *,
+    progress: bool,
+    log: Log,
+    fresh: list[str] | None = None,
+    suffix: str = "",
 ) -> dict[str, Any]:
-    """Evaluate every net (from the cache in ``out/eval`` when nothing changed); one transfer source per model.
+    """Evaluate every net (from the cache in ``out/eval`` when nothing changed); one transfer source per model and seed.
 
     The names of the nets evaluated now (not taken from the cache) are appended to ``fresh``."""
     from robustopt.runs import save_tensors
@@ -173,11 +194,11 @@ def evaluate_all(
     evals: dict[str, Any] = {}
     for model_name in s.models:
         prefix = "" if len(s.models) == 1 else f"{model_name}/"
-        base_dir = run_dir(out, prefix + "baseline")
+        base_dir = run_dir(out, prefix + "baseline" + suffix)
         source = None
         for net in s.nets:
             name = prefix + net
-            where, cache = run_dir(out, name), out / "eval" / f"{name.replace('/', '-')}.json"
+            where, cache = run_dir(out, name + suffix), out / "eval" / f"{(name + suffix).replace('/', '-')}.json"
             key = eval_key(s, where, base_dir)
             hit = cached_eval(cache, key)
             if hit is not None:
@@ -185,14 +206,15 @@ def evaluate_all(
                 evals[name] = hit
                 continue
             source = source or load_model(base_dir, dev)
-            log(f"{name}: evaluating on {len(y)} test images (transfer sets built against {prefix}baseline)")
+            log(f"{name}{suffix}: evaluating on {len(y)} test images (transfer sets built against {prefix}baseline{suffix})")
             checked = s.sanity_n > 0 and (s.sanity_nets is None or net in s.sanity_nets)
-            sanity_norm = (net.partition("-")[2] or next(iter(s.radii))) if checked else None
-            res, examples = evaluate_net(load_model(where, dev), source, x, y, s, sanity_norm, progress)
+            own_norm = net.partition("-")[2] or next(iter(s.radii))  # the baseline: the first radius
+            sanity_norm = own_norm if checked else None
+            res, (examples, about) = evaluate_net(load_model(where, dev), source, x, y, s, sanity_norm, progress, own_norm)
             evals[name] = {"key": key, **res}
             if fresh is not None:
-                fresh.append(name)
-            save_tensors(cache.with_suffix(".examples.safetensors"), examples)
+                fresh.append(name + suffix)
+            save_tensors(cache.with_suffix(".examples.safetensors"), examples, about)
             write_json(cache, evals[name])
             log(
                 f"    done in {res['eval_seconds']:.0f}s: clean {res['clean']:.3f}, "
@@ -205,14 +227,15 @@ def reproduce(
     schedule: Schedule,
     out: Path,
     *,
-    quick: bool = False,
+    plan: str = "full",
     data_dir: Path | None = None,
     device: str | None = None,
     progress: bool = True,
     log: Log = print,
 ) -> dict[str, Any]:
-    """Train (or reuse) every net of ``schedule`` in ``out/runs``, evaluate them all, write report.md, results.json
-    and the PNGs into ``out``. Returns the results dict (as in results.json)."""
+    """Train (or reuse) every net of ``schedule`` in ``out/runs``, once per seed, evaluate them all, write report.md,
+    results.json and the PNGs into ``out``. Returns the results dict (as in results.json): each figure is the mean over
+    the seeds, with its std under ``nets[name]["std"]`` when there are several."""
     from robustopt.reproduce import plots, report
     from robustopt.training.loop import pick_device
 
@@ -223,21 +246,23 @@ def reproduce(
         raise RunDirError(f"--out {out} is a file, not a directory; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     data = load_dataset(schedule.dataset, data_dir)
-    train_info = train_all(schedule, out, data_dir=data_dir, device=device, progress=progress, log=log)
+    replicas = replica_suffixes(schedule)
+    trained = [train_all(r, out, data_dir=data_dir, device=device, progress=progress, log=log, suffix=x) for r, x in replicas]
     t_train = time.monotonic() - t0
     fresh_evals: list[str] = []
-    evals = evaluate_all(schedule, out, data, dev, progress=progress, log=log, fresh=fresh_evals)
+    evals = [
+        evaluate_all(r, out, data, dev, progress=progress, log=log, fresh=fresh_evals, suffix=x) for r, x in replicas
+    ]
     results = report.assemble(
         schedule,
-        train_info,
-        evals,
-        quick=quick,
+        [(r.seed, info, ev) for (r, _), info, ev in zip(replicas, trained, evals, strict=True)],
+        plan=plan,
         provenance=provenance(dev),
         n_test=min(schedule.test_n or len(data.y_test), len(data.y_test)),
         n_test_total=len(data.y_test),
     )
     results["wall_seconds"] = {"train_phase": round(t_train, 1), "total": round(time.monotonic() - t0, 1)}
-    results["plots"] = plots.make_plots(results, evals, out, data)
+    results["plots"] = plots.make_plots(results, out, data)
     results["wall_seconds"]["total"] = round(time.monotonic() - t0, 1)
     results["invocations"] = invocation_history(out / "results.json", results, fresh_evals)
     write_json(out / "results.json", report.strip_for_json(results))

@@ -642,5 +642,3 @@ def build_net(name: str, kwargs: dict[str, Any], data: Dataset) -> nn.Module:
     if kwargs:
         raise ConfigError(f"--model-kwargs is only for package.module:factory models, not the built-in {name!r}")
     return build_model(name, mean=data.mean, std=data.std, num_classes=data.num_classes, input_shape=data.input_shape)
-
-

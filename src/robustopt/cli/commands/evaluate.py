@@ -14,9 +14,11 @@ def _load(run_dir: Path, device: str | None, subset: int | None, data_dir: Path 
     """(model, x float (N, C, H, W), y (N,), device, config) for a run's first ``subset`` test images."""
     from robustopt.data.datasets import load_dataset, to_float
     from robustopt.errors import ConfigError, RunDirError
+    from robustopt.pretrained import resolve_run
     from robustopt.runs import CONFIG, load_model, read_json
     from robustopt.training.loop import pick_device
 
+    run_dir = resolve_run(run_dir)  # pretrained:NAME is a model shipped with robustopt
     if not Path(run_dir).is_dir():
         raise RunDirError(f"run directory {run_dir} does not exist; pass the --out directory of a finished training run")
     if subset is not None and subset < 1:
