@@ -81,6 +81,16 @@ def test_every_method_trains_a_user_module_on_a_tensor_dataset(method: str, data
     torch.testing.assert_close(reloaded(x), model.eval()(x))
 
 
+@pytest.mark.parametrize(("method", "alpha"), [(m, None) for m in METHODS] + [("pgd", 0.5), ("robust", 0.3)])
+def test_every_method_steps_a_batchnorm_net(method: str, alpha: float | None, tmp_path: Path) -> None:
+    """Attack passes in train mode must not touch tensors an outer forward saved (BatchNorm's running statistics)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 14 * 14, 5))
+    x, y = make_data(64, 3)
+    fit(net, (x, y), out=tmp_path, method=method, threat=THREAT, epochs=1, batch_size=32, alpha=alpha, steps=2, log=lambda s: None)
+    assert int(net[1].num_batches_tracked) > 0
+
+
 @pytest.mark.slow
 def test_robust_training_beats_standard_training_under_pgd(data: dict, tmp_path: Path, one_thread: None) -> None:
     accs = {}
