@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from robustopt.evaluation.attacks import fgsm, pgd, square
+from robustopt.evaluation.attacks import pgd, square
 from robustopt.evaluation.attacks._common import predict
 from robustopt.threat.model import ThreatModel
 from robustopt.threat.perturb import frozen_parameters, input_gradient, preserve_state
@@ -51,11 +52,78 @@ def _check(passed: bool, message: str, **details: Any) -> dict[str, Any]:
     return {"passed": bool(passed), "message": message, **details}
 
 
-def _zero_gradients(model: nn.Module, x: Tensor, y: Tensor, tol: float) -> dict[str, Any]:
+def _gradient(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    """∇ₓ cross-entropy at the clean points: shared by the single-step attack and the zero-gradient check."""
     with preserve_state(model), frozen_parameters(model):
-        grad, _ = input_gradient(model, x, y)
+        return input_gradient(model, x, y)[0]
+
+
+def _zero_gradients(grad: Tensor, tol: float) -> dict[str, Any]:
     frac = float((grad.flatten(1).abs().amax(1) == 0).float().mean())
     return _check(frac <= tol, "share of examples with an exactly zero input gradient", zero_fraction=frac)
+
+
+@dataclass(frozen=True)
+class CheckPlan:
+    """What the gradient-masking checks run, on the first ``n`` examples of an evaluation.
+
+    ``steps`` is the PGD run the other checks compare against (0: reuse the evaluated attack's
+    own robust mask, which then *is* that run); ``more_steps × more_restarts`` the stronger PGD;
+    ``large_eps_steps`` the PGD at the box's diameter; ``queries`` the Square attack's budget.
+    """
+
+    n: int
+    steps: int = 20
+    more_steps: int = 40
+    more_restarts: int = 2
+    large_eps_steps: int = 20
+    queries: int = 1000
+
+    def cost(self) -> float:
+        """Upper bound on the work, in input-gradient evaluations (one forward pass counts 1/3)."""
+        return self.n * (1 + self.steps + self.more_steps * self.more_restarts + self.large_eps_steps + self.queries / 3)
+
+
+FULL = CheckPlan(n=200)  # the heavy version (`--sanity full`)
+LIGHT_SHARE, LIGHT_MIN_N, LIGHT_MAX_N = 0.25, 16, 200
+REUSABLE = {"pgd", "bim", "apgd-ce"}  # white-box gradient attacks whose robust mask is a PGD-like run
+
+
+def light_plan(attack_cost: float, n_eval: int, reuse_steps: int | None) -> CheckPlan:
+    """Checks costing at most ``LIGHT_SHARE`` of the evaluated attack (``attack_cost`` gradient evaluations).
+
+    With ``reuse_steps`` (the evaluated attack is iterative white-box with that many steps) its
+    mask is the PGD run and only the 2×-steps run is new; otherwise a PGD-10 is run. The sample
+    is as large as the budget allows, between ``LIGHT_MIN_N`` (never fewer, even over budget)
+    and ``LIGHT_MAX_N``, and never more than the evaluation itself.
+    """
+    base = CheckPlan(n=1, steps=0 if reuse_steps else 10, more_steps=2 * (reuse_steps or 10), more_restarts=1,
+                     large_eps_steps=5, queries=100)  # fmt: skip
+    n = int(LIGHT_SHARE * attack_cost // base.cost())
+    n = min(n_eval, max(LIGHT_MIN_N, min(n, LIGHT_MAX_N)))
+    return CheckPlan(n, base.steps, base.more_steps, 1, base.large_eps_steps, base.queries)
+
+
+def attack_cost(name: str, steps: int | None, restarts: int, n: int, stats: dict[str, int] | None = None) -> float:
+    """A lower bound on the work of an evaluated attack on ``n`` examples, in input-gradient evaluations.
+
+    ``stats`` (robust counts after each component of auto/autoattack) makes the cascades'
+    figure exact up to their early exits: each component is charged only for the examples that
+    reached it.
+    """
+    per = {"fgsm": 1, "fgm": 1, "pgd": (steps or 40) * restarts, "bim": steps or 40, "apgd-ce": (steps or 100) * restarts,
+           "apgd-dlr": steps or 100, "deepfool": 3, "cw": steps or 100, "lbfgs": steps or 100,
+           "square": 1 + (steps or 5000) / 3 / 50, "fab-t": steps or 100}  # fmt: skip
+    if stats and name in ("auto", "autoattack"):
+        s = steps or 100
+        unit = {"apgd-ce": s * restarts, "apgd-t": 9 * s, "fab-t": 9 * s, "square": 5000 / 3}
+        reached, total = stats.get("clean", n), 0.0
+        for comp, left in stats.items():
+            if comp in unit:
+                total += reached * unit[comp] if comp == "apgd-ce" else left * unit[comp]  # survivors ran every target
+                reached = left
+        return max(total, float(n))
+    return float(per.get(name, 10 * n if name in ("auto", "autoattack") else 10) * n)
 
 
 def run_checks(
@@ -71,28 +139,40 @@ def run_checks(
     tol: float = 0.02,
     large_eps_max: float = 0.02,
     generator: torch.Generator | None = None,
+    plan: CheckPlan | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Run every check on (x (B, ...), y (B,)).
 
     ``evaluated`` is the white-box robust mask (B,) of the evaluated attack (None for a
-    transfer evaluation); ``transfer`` the transfer robust mask (B,) when there is one.
+    transfer evaluation); ``transfer`` the transfer robust mask (B,) when there is one. Without
+    ``plan`` the checks use PGD-``steps`` and Square with ``queries`` (the full version); a plan
+    with ``steps=0`` takes ``evaluated`` as the PGD run.
     Returns ``{check_name: {"passed": bool, "message": str, ...accuracies}}``.
     """
+    plan = plan or CheckPlan(len(y), steps, 2 * steps, 2, steps, queries)
     clean = predict(model, x) == y
-    single, _ = robust_accuracy(model, fgsm(model, x, y, threat), y, clean)
-    p1, m1 = robust_accuracy(model, pgd(model, x, y, threat, steps=steps, generator=generator), y, clean)
-    p2, m2 = robust_accuracy(model, pgd(model, x, y, threat, steps=2 * steps, restarts=2, generator=generator), y, clean)
+    grad = _gradient(model, x, y)
+    single, _ = robust_accuracy(model, threat.project(x + threat.eps * threat.ascent_direction(grad), x), y, clean)
+    if plan.steps == 0 and evaluated is not None:
+        m1, fewer = evaluated & clean, "the evaluated attack"
+    else:
+        fewer = f"PGD-{plan.steps}"
+        m1 = robust_accuracy(model, pgd(model, x, y, threat, steps=plan.steps, generator=generator), y, clean)[1]
+    p1 = float(m1.float().mean())
+    more = pgd(model, x, y, threat, steps=plan.more_steps, restarts=plan.more_restarts, generator=generator)
+    p2, m2 = robust_accuracy(model, more, y, clean)
     big = threat.with_eps(diameter(threat, x))
-    large, _ = robust_accuracy(model, pgd(model, x, y, big, steps=steps, generator=generator), y, clean)
-    black, _ = robust_accuracy(model, square(model, x, y, threat, queries=queries, generator=generator), y, clean)
+    large, _ = robust_accuracy(model, pgd(model, x, y, big, steps=plan.large_eps_steps, generator=generator), y, clean)
+    black, _ = robust_accuracy(model, square(model, x, y, threat, queries=plan.queries, generator=generator), y, clean)
     white_mask = m1 & m2 if evaluated is None else m1 & m2 & evaluated
     white = float(white_mask.float().mean())
+    more_name = f"PGD-{plan.more_steps}" + (f"x{plan.more_restarts}" if plan.more_restarts > 1 else "")
     checks = {
         "large_eps": _check(large <= large_eps_max, "PGD accuracy with every input reachable", eps=big.eps, accuracy=large),
-        "more_steps": _check(p2 <= p1 + tol, f"PGD-{2 * steps}x2 vs PGD-{steps}", more=p2, fewer=p1),
+        "more_steps": _check(p2 <= p1 + tol, f"{more_name} vs {fewer}", more=p2, fewer=p1),
         "iterative_vs_single": _check(p2 <= single + tol, "PGD vs single-step accuracy", iterative=p2, single_step=single),
         "whitebox_vs_blackbox": _check(white <= black + tol, "white-box vs Square accuracy", whitebox=white, blackbox=black),
-        "zero_gradients": _zero_gradients(model, x, y, tol),
+        "zero_gradients": _zero_gradients(grad, tol),
     }
     if transfer is not None:
         t_acc = float(transfer.float().mean())
@@ -101,6 +181,7 @@ def run_checks(
         )
     for c in checks.values():
         c["tolerance"] = tol
+        c["n"] = len(y)
     return checks
 
 
@@ -108,10 +189,46 @@ def _fmt(key: str, value: Any) -> str:
     return f"{key}={value:.4g}" if isinstance(value, float) and math.isfinite(value) else f"{key}={value}"
 
 
+ADVICE = {
+    "large_eps": "PGD fails even where every input is reachable: gradients are masked or broken; evaluate with "
+    "--attack autoattack (its Square part needs no gradients) and look for non-differentiable steps in the model",
+    "more_steps": "more PGD steps did worse: the gradients are noisy; evaluate with --attack autoattack or more --restarts",
+    "iterative_vs_single": "PGD did worse than one step: the loss surface is masked; evaluate with --attack autoattack",
+    "whitebox_vs_blackbox": "the gradient-free Square attack beat the gradient attacks: gradients are masked; report "
+    "--attack autoattack (or square) instead of this figure",
+    "whitebox_vs_transfer": "examples built on another model beat the white-box attack: gradients are masked; "
+    "report the transfer figure or --attack autoattack",
+    "zero_gradients": "many inputs have an exactly zero gradient (rounding, argmax or a saturated softmax inside the "
+    "model): gradient attacks are blind there; use --attack autoattack, whose DLR loss and Square do not need them",
+    "randomness": "the model is randomised (dropout left on? call model.eval()); it was attacked with EOT, averaging "
+    "its logits over several passes; for a published figure use an adaptive attack (Athalye et al. 2018)",
+    "logits": "the model returns probabilities, not logits (rows are >= 0 and sum to 1): cross-entropy on them "
+    "saturates and masks gradients; drop the final softmax so the model returns logits, and evaluate again",
+}
+
+
+@torch.no_grad()
+def output_checks(model: nn.Module, x: Tensor, atol: float = 1e-5) -> dict[str, dict[str, Any]]:
+    """Two cheap checks on the raw outputs, run before any attack (AutoAttack's ``checks.py`` ideas).
+
+    * ``randomness``: two forward passes on the same inputs x (B, ...) must agree up to ``atol``;
+    * ``logits``: rows that are all ≥ 0 and sum to 1 are probabilities, not logits.
+    """
+    with preserve_state(model):
+        a, b = model(x).float(), model(x).float()
+    diff = float((a - b).abs().max())
+    probs = bool((a >= 0).all()) and bool(((a.sum(1) - 1).abs() <= 1e-4).all())
+    return {
+        "randomness": _check(diff <= atol * max(1.0, float(a.abs().max())), "two forward passes agree", max_difference=diff),
+        "logits": _check(not probs, "outputs are logits, not probabilities", row_sum_min=float(a.sum(1).min()),
+                         min_output=float(a.min())),  # fmt: skip
+    }
+
+
 def report_failures(checks: dict[str, dict[str, Any]], log: Log) -> None:
-    """Print each failed check loudly, as a possible sign of gradient masking."""
+    """Print each failed check loudly, with what to do next."""
     for name, c in checks.items():
         if not c["passed"]:
-            nums = ", ".join(_fmt(k, v) for k, v in c.items() if k not in ("passed", "message"))
+            nums = ", ".join(_fmt(k, v) for k, v in c.items() if k not in ("passed", "message", "advice"))
             log(f"!!! SANITY CHECK FAILED: {name} ({c['message']}: {nums})")
-            log("!!! possible gradient masking: do not trust this robustness figure until a stronger attack agrees")
+            log(f"!!! what to do: {ADVICE.get(name, 'do not trust this robustness figure until a stronger attack agrees')}")

@@ -11,7 +11,9 @@ estimate ``r*(x) = min {‖r‖ : f(x + r) ≠ y, x + r ∈ box}``:
   adversarial example it found there (also an upper bound on r*, usually tighter).
 
 0 marks an example already misclassified, ``inf`` one where no adversarial example was found.
-``summary`` gives median, mean and DeepFool's ρ_adv = E[‖r‖/‖x‖] over the found ones.
+``summary`` counts the misclassified ones apart (they have no minimal perturbation to speak
+of: a weak model would otherwise report a median of 0) and gives median, mean and DeepFool's
+ρ_adv = E[‖r‖/‖x‖] over the correctly classified ones.
 
 Example:
     >>> d = minimal_perturbations(model, x, y, "l2")                 # (N,)
@@ -100,21 +102,27 @@ def minimal_perturbations(
 
 
 def summary(dists: Tensor, x_norms: Tensor) -> dict[str, float]:
-    """Median and mean of the finite distances, ρ_adv = E[‖r‖/‖x‖] over them, found fraction.
+    """Statistics of minimal distances (N,) over the correctly classified examples (distance > 0).
 
-    The median counts not-found examples as +inf (so it is honest when fewer than half are
-    found); the mean and ρ_adv average over the found ones only.
+    ``misclassified`` counts the examples with distance 0 (wrong already on x), which are left
+    out of everything else. The median counts not-found examples as +inf (so it is honest when
+    fewer than half are found); the mean and ρ_adv average over the found ones only;
+    ``found_fraction`` is over the correctly classified ones.
     """
     d = dists.double().cpu()
+    correct = d != 0
+    misclassified = int((~correct).sum())
+    d, x_norms = d[correct], x_norms.double().cpu().reshape(-1)[correct]
     found = torch.isfinite(d)
     n = len(d)
     fin = d[found]
     return {
         "n": n,
+        "misclassified": misclassified,
         "found_fraction": float(found.double().mean()) if n else math.nan,
         "median": float(d.sort().values[(n - 1) // 2]) if n else math.nan,
         "mean": float(fin.mean()) if len(fin) else math.nan,
-        "rho_adv": float((fin / x_norms.double().cpu()[found].clamp_min(1e-12)).mean()) if len(fin) else math.nan,
+        "rho_adv": float((fin / x_norms[found].clamp_min(1e-12)).mean()) if len(fin) else math.nan,
     }
 
 
@@ -135,7 +143,7 @@ def accuracy_curve(
 def plot_histogram(
     dists_by_model: dict[str, Tensor], path: str | Path, xlabel: str = "minimal adversarial perturbation ‖r‖"
 ) -> Path:
-    """Overlaid histograms of the finite distances per model, medians as dashed lines; writes a PNG."""
+    """Overlaid histograms of the finite distances of correctly classified examples per model, medians dashed; a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -143,10 +151,12 @@ def plot_histogram(
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, d in dists_by_model.items():
-        fin = d[torch.isfinite(d)].double().cpu().numpy()
-        med = summary(d, torch.ones_like(d))["median"]
+        fin = d[torch.isfinite(d) & (d != 0)].double().cpu().numpy()
+        stats = summary(d, torch.ones_like(d))
+        med = stats["median"]
         (line,) = ax.plot([], [])
-        ax.hist(fin, bins=40, alpha=0.5, color=line.get_color(), label=f"{label} (median {med:.3g})")
+        extra = f", {stats['misclassified']} misclassified not shown" if stats["misclassified"] else ""
+        ax.hist(fin, bins=40, alpha=0.5, color=line.get_color(), label=f"{label} (median {med:.3g}{extra})")
         if math.isfinite(med):
             ax.axvline(med, color=line.get_color(), linestyle="--")
     ax.set_xlabel(xlabel)

@@ -21,12 +21,14 @@ restored, so attack passes never move them (see :func:`preserve_state`).
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from robustopt.errors import ConfigError, DataError
 from robustopt.threat.model import ThreatModel
 
 Tensor = torch.Tensor
@@ -36,6 +38,37 @@ LossFn = Callable[[Tensor, Tensor], Tensor]  # (logits (B, C), labels (B,)) -> p
 def cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
     """Per-example cross-entropy, (B, C), (B,) -> (B,)."""
     return F.cross_entropy(logits.float(), y, reduction="none")
+
+
+def check_inputs(x: Tensor, y: Tensor | None, threat: ThreatModel, where: str = "perturb") -> None:
+    """Refuse inputs an attack cannot honour: empty, non-float, NaN/inf, outside ``threat.bounds``, or labels that do not match.
+
+    One pass over x (a min, a max and a finiteness test), cheap next to a forward pass. The
+    threat model promises points in ball ∩ box, which is only possible when x is in the box.
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[0] == 0:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise DataError(f"{where}: x must be a non-empty batch (B, ...) of inputs, got {shape}")
+    if not x.is_floating_point():
+        raise DataError(f"{where}: x has dtype {x.dtype}; convert images to float in {threat.bounds} (e.g. x.float() / 255)")
+    if not bool(torch.isfinite(x).all()):
+        raise DataError(f"{where}: x contains NaN or infinite values; clean the inputs first")
+    lo, hi = threat.bounds
+    x_min, x_max = float(x.min()), float(x.max())
+    if x_min < lo - 1e-6 or x_max > hi + 1e-6:
+        raise DataError(
+            f"{where}: inputs span [{x_min:g}, {x_max:g}], outside the threat model's bounds {threat.bounds}; "
+            f"scale them into the bounds (e.g. x / 255) or pass ThreatModel(..., bounds=(lo, hi))"
+        )
+    if y is not None and (not isinstance(y, torch.Tensor) or y.shape != x.shape[:1] or y.is_floating_point()):
+        got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+        raise DataError(f"{where}: y must be integer labels of shape ({x.shape[0]},), got {got}")
+
+
+def check_step_size(step_size: float | None, where: str = "perturb") -> None:
+    """A step size must be a finite number > 0 (None picks the default)."""
+    if step_size is not None and not (isinstance(step_size, (int, float)) and math.isfinite(step_size) and step_size > 0):
+        raise ConfigError(f"{where}: step_size must be a finite number > 0, got {step_size!r}")
 
 
 @contextlib.contextmanager
@@ -123,8 +156,10 @@ def perturb(
         >>> x_adv = perturb(model, x, y, ThreatModel("linf", 0.1))            # FGSM
         >>> x_adv = perturb(model, x, y, ThreatModel("l2", 1.0), steps=40, random_start=True)
     """
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+    if not isinstance(steps, int) or steps < 1:
+        raise ConfigError(f"perturb: steps must be an integer >= 1, got {steps!r}")
+    check_step_size(step_size)
+    check_inputs(x, None, threat)  # y is whatever loss_fn takes (labels, or TRADES' clean probabilities)
     alpha = threat.default_step_size(steps) if step_size is None else step_size
     x = x.detach()
     if x_init is not None:

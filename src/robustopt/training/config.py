@@ -19,11 +19,9 @@ from typing import Any
 from robustopt.data.datasets import DATASETS, STATS
 from robustopt.errors import ConfigError
 from robustopt.models.factory import is_factory_spec
-from robustopt.models.zoo import MODELS
+from robustopt.models.zoo import resolve_model
 from robustopt.threat.model import NORMS
 from robustopt.training.objectives import METHODS
-
-WRN_NAME = re.compile(r"wrn-(\d+)-(\d+)")  # WideResNet depth-width, e.g. wrn-34-10
 
 SCHEDULES = ("constant", "step", "multistep", "cosine", "onecycle")
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -206,8 +204,7 @@ def _check_model(name: Any) -> None:
         raise ConfigError(f"--model must be a model name or package.module:factory, got {name!r}")
     if is_factory_spec(name) or name == "custom":  # custom: a module handed to robustopt.fit
         return
-    if name not in MODELS and not WRN_NAME.fullmatch(name):
-        raise ConfigError(f"unknown model {name!r}: choose one of {', '.join(MODELS)}, wrn-D-W, or package.module:factory")
+    resolve_model(name)  # a clear error for an unknown name
 
 
 def _choice(what: str, value: Any, options: tuple[str, ...]) -> None:

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from robustopt import __version__
+from robustopt.data.augment import augment_batch, default_augment
 from robustopt.data.datasets import Dataset, load_dataset, to_float
 from robustopt.errors import ConfigError, RunDirError
 from robustopt.models.factory import build_from_spec, is_factory_spec
@@ -309,16 +310,20 @@ def _augment_choice(cfg: TrainConfig, meta: dict[str, Any], input_shape: tuple[i
 
 
 def _hold_out(cfg: TrainConfig, source: Source) -> tuple[Source, Source | None]:
-    """Hold out the last max(eval_pgd, 500 for fast) training examples for per-epoch PGD accuracy."""
-    n = max(cfg.eval_pgd, GUARD_N if cfg.method == "fast" else 0)
-    if n == 0:
-        return source, None
-    if len(source) <= 2 * n:
+    """Hold out the last training examples: ``eval_pgd`` for per-epoch PGD accuracy, and for ``fast`` its guard's
+    500 (a quarter of the data when there are 1000 or fewer)."""
+    if cfg.eval_pgd and len(source) <= 2 * cfg.eval_pgd:
         raise ConfigError(
-            f"holding out {n} examples for the per-epoch PGD check needs more than {2 * n} training examples, "
-            f"the data has {len(source)}; lower --eval-pgd or use more data"
+            f"holding out {cfg.eval_pgd} examples for the per-epoch PGD check needs more than {2 * cfg.eval_pgd} training "
+            f"examples, the data has {len(source)}; lower --eval-pgd or use more data"
         )
-    return source.split(n)
+    n = max(cfg.eval_pgd, guard_size(len(source)) if cfg.method == "fast" else 0)
+    return (source, None) if n == 0 else source.split(n)
+
+
+def guard_size(n: int) -> int:
+    """Examples the fast-training guard holds out of n training examples."""
+    return GUARD_N if n > 2 * GUARD_N else max(1, n // 4)
 
 
 def _step_context(
@@ -377,6 +382,8 @@ def _metadata(
         "model": cfg.model,
         "model_kwargs": cfg.model_kwargs,
         "dataset": meta.get("dataset", cfg.data or "custom"),
+        "kind": meta.get("kind", "tensors"),
+        "class_names": meta.get("class_names"),
         "num_classes": k,
         "input_shape": list(input_shape),
         "normalization": meta.get("normalization"),
@@ -477,17 +484,16 @@ def _train_epoch(run: Run) -> None:
             _checkpoint(run)
             last_save = time.monotonic()
     bar.close()
+    lr = run.ctx.optimizer.param_groups[0]["lr"]  # the lr this epoch trained with
     if run.scheduler is not None and run.scheduler_interval == "epoch":
         run.scheduler.step()
         prog.extra["scheduler_steps"] = prog.extra.get("scheduler_steps", 0) + 1
-    _end_epoch(run, time.monotonic() - t0)
+    _end_epoch(run, time.monotonic() - t0, lr)
 
 
 def _one_batch(run: Run, x: torch.Tensor, y: torch.Tensor, iters: int) -> None:
     cfg, prog = run.cfg, run.prog
     if run.augment:
-        from robustopt.data.augment import augment_batch
-
         x = augment_batch(x, run.ctx.generator)
     if cfg.channels_last and x.dim() == 4:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -505,7 +511,7 @@ def _one_batch(run: Run, x: torch.Tensor, y: torch.Tensor, iters: int) -> None:
     prog.batch += 1
 
 
-def _end_epoch(run: Run, seconds: float) -> None:
+def _end_epoch(run: Run, seconds: float, lr: float) -> None:
     """Metrics of the finished epoch, the guard and best weights, then files and the log line."""
     cfg, prog, info = run.cfg, run.prog, run.info
     loss_sum, correct, seen = dist.all_sum([prog.loss_sum, prog.correct, prog.seen], run.device)
@@ -516,7 +522,7 @@ def _end_epoch(run: Run, seconds: float) -> None:
         "train_acc_on": "clean batches" if cfg.method == "standard" else "perturbed batches",
         "test_acc": source_accuracy(run.model, run.test, run.device, info) if run.test is not None else None,
         "seconds": round(seconds, 3),
-        "lr": run.ctx.optimizer.param_groups[0]["lr"],
+        "lr": lr,
     }
     if run.held is not None and cfg.eval_pgd > 0:
         _robust_accuracy(run, row)
@@ -551,7 +557,7 @@ def _robust_accuracy(run: Run, row: dict[str, Any]) -> None:
 def _fast_guard(run: Run, row: dict[str, Any]) -> None:
     """Wong et al.'s guard: restore the best weights and stop when held-out PGD accuracy collapses."""
     cfg, prog, ctx = run.cfg, run.prog, run.ctx
-    held = run.held.head(GUARD_N)  # type: ignore[union-attr]
+    held = run.held.head(guard_size(len(run.train) + len(run.held)))  # type: ignore[union-attr, arg-type]
     assert held.x is not None and held.y is not None, "the guard holds its examples in memory"
     row["guard_pgd_acc"] = _guard_check(ctx, (held.x, held.y), run.device)
     best = prog.extra.get("best_guard", -1.0)
@@ -609,10 +615,12 @@ def train(
     torch.manual_seed(cfg.seed)  # the initial weights
     model = build_net(cfg.model, cfg.model_kwargs, data)
     meta = {
-        "dataset": cfg.data or cfg.dataset,
+        "dataset": data.name,  # a built-in name, or the absolute path of the user's data
         "num_classes": data.num_classes,
         "normalization": {"mean": list(data.mean), "std": list(data.std)},
-        "augment_default": _augments_by_default(data),
+        "augment_default": default_augment(data.kind),  # on for CIFAR and image folders, off for MNIST-like data
+        "kind": data.kind,
+        "class_names": list(data.class_names) if data.class_names else None,
     }
     test = (data.x_test[: cfg.test_subset], data.y_test[: cfg.test_subset])  # [:None] is all of them
     return fit(
@@ -638,12 +646,3 @@ def build_net(name: str, kwargs: dict[str, Any], data: Dataset) -> nn.Module:
     if kwargs:
         raise ConfigError(f"--model-kwargs is only for package.module:factory models, not the built-in {name!r}")
     return build_model(name, mean=data.mean, std=data.std, num_classes=data.num_classes, input_shape=data.input_shape)
-
-
-def _augments_by_default(data: Dataset) -> bool:
-    """Crop + flip by default for CIFAR and image folders (published CIFAR numbers use it), not MNIST-like data."""
-    try:
-        from robustopt.data.augment import default_augment
-    except ImportError:  # the augmentation module is optional until it lands
-        return False
-    return bool(default_augment(data.kind))

@@ -36,7 +36,7 @@ from torch import nn
 
 from robustopt.errors import ConfigError
 from robustopt.threat.model import ThreatModel
-from robustopt.threat.perturb import ascend, perturb
+from robustopt.threat.perturb import ascend, perturb, preserve_state
 
 Tensor = torch.Tensor
 
@@ -152,15 +152,19 @@ def objective_loss(
     alpha = 1.0 if obj.method == "standard" else obj.alpha
     if 0.0 < alpha < 1.0 and obj.steps == 1 and not obj.random_start:
         return _single_step_mixed(obj, model, x, y, threat, alpha)
+    # The attack runs before any outer forward pass: its BatchNorm-statistics bookkeeping would otherwise
+    # modify tensors that the outer graph saved for backward.
+    x_adv = None
+    if alpha < 1.0:
+        x_adv = perturb(
+            attacker, x, y, threat, steps=obj.steps, step_size=obj.step_size, random_start=obj.random_start, generator=generator
+        )
     loss = x.new_zeros(())
     logits = None
     if alpha > 0.0:
         logits = model(x)
         loss = loss + alpha * F.cross_entropy(logits.float(), y)
-    if alpha < 1.0:
-        x_adv = perturb(
-            attacker, x, y, threat, steps=obj.steps, step_size=obj.step_size, random_start=obj.random_start, generator=generator
-        )
+    if x_adv is not None:
         logits = model(x_adv)  # accuracy is reported on the perturbed batch
         loss = loss + (1.0 - alpha) * F.cross_entropy(logits.float(), y)
     assert logits is not None
@@ -200,9 +204,12 @@ def _gaussian_start(x: Tensor, threat: ThreatModel, generator: torch.Generator |
 def _trades(
     obj: Objective, model: nn.Module, attacker: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, gen: torch.Generator | None
 ) -> tuple[Tensor, Tensor]:
-    """TRADES: ``CE(f(x), y) + β·mean_i KL(p(x_i) ‖ p(x̃_i))``; x̃ ascends the KL to the clean output."""
-    with torch.no_grad():
-        target = attacker(x).detach()  # p(x) is a constant of the inner maximisation
+    """TRADES: ``CE(f(x), y) + β·mean_i KL(p(x_i) ‖ p(x̃_i))``; x̃ ascends the KL to the clean output.
+
+    p(x), the constant target of the inner maximisation, comes from its own forward pass without
+    gradients (BatchNorm statistics restored), so that the attack runs before any outer forward pass."""
+    with preserve_state(attacker), torch.no_grad():
+        target = attacker(x).detach()
     x_adv = perturb(
         attacker,
         x,
@@ -210,7 +217,7 @@ def _trades(
         threat,
         steps=obj.steps,
         step_size=obj.step_size,
-        loss_fn=lambda logits, t: kl_per_example(t, logits),
+        loss_fn=lambda logits, target: kl_per_example(target, logits),
         x_init=_gaussian_start(x, threat, gen),
     )
     clean = model(x)

@@ -11,6 +11,8 @@ name           attack                                                          n
 ``apgd-dlr``   targeted Auto-PGD, DLR loss                                     linf, l2, l1
 ``square``     black-box Square attack                                         linf (l2, l1)
 ``auto``       APGD-CE + APGD-T + Square, worst case per example               linf, l2, l1
+``autoattack`` AutoAttack "standard": APGD-CE, APGD-T, FAB-T, Square cascade    linf, l2 (l1: APGD)
+``fab-t``      targeted FAB minimal perturbation, success within ε             linf, l2, l1
 ``deepfool``   DeepFool minimal perturbation in the threat's norm              linf, l2, l1
 ``cw``         Carlini–Wagner ℓ2 minimal perturbation                          l2
 ``lbfgs``      Szegedy et al.'s box-constrained L-BFGS                         l2
@@ -37,13 +39,16 @@ from torch import nn
 from robustopt.errors import ConfigError
 from robustopt.evaluation.attacks.apgd import apgd, apgd_targeted
 from robustopt.evaluation.attacks.auto import auto
+from robustopt.evaluation.attacks.autoattack import autoattack
 from robustopt.evaluation.attacks.cw import cw_l2
 from robustopt.evaluation.attacks.deepfool import deepfool
+from robustopt.evaluation.attacks.fab import fab_targeted
 from robustopt.evaluation.attacks.fgsm import fgsm
 from robustopt.evaluation.attacks.lbfgs import lbfgs
 from robustopt.evaluation.attacks.pgd import pgd
 from robustopt.evaluation.attacks.square import square
 from robustopt.threat.model import ThreatModel
+from robustopt.threat.perturb import check_inputs
 
 Tensor = torch.Tensor
 Attack = Callable[..., Tensor]  # (model, x, y, threat, steps, restarts, generator, **kw) -> x_adv
@@ -74,6 +79,12 @@ ATTACKS: dict[str, Attack] = {
     "auto": lambda m, x, y, t, steps=None, restarts=1, generator=None, **kw: auto(
         m, x, y, t, restarts=restarts, generator=generator, **_opt(steps, "steps"), **kw
     ),
+    "autoattack": lambda m, x, y, t, steps=None, restarts=1, generator=None, **kw: autoattack(
+        m, x, y, t, **_opt(steps, "steps"), **kw
+    ),
+    "fab-t": lambda m, x, y, t, steps=None, restarts=1, generator=None, **kw: fab_targeted(
+        m, x, y, t, **_opt(steps, "steps"), **kw
+    ),
     "deepfool": lambda m, x, y, t, steps=None, restarts=1, generator=None, **kw: deepfool(
         m, x, y, norm=t.norm, bounds=t.bounds, **_opt(steps, "steps"), **kw
     ),
@@ -99,6 +110,7 @@ def run_attack(name: str, model: nn.Module, x: Tensor, y: Tensor, threat: Threat
     Keyword arguments: ``steps`` (iterations; queries for square), ``restarts``, ``generator``,
     plus any keyword of the attack's own function (e.g. ``loss="dlr"`` for pgd).
     """
+    check_inputs(x, y, threat, where=f"attack {name}")
     x_adv = ATTACKS[check_attack(name)](model, x.detach(), y, threat, **kw)
     return threat.project(x_adv.detach(), x.detach())
 
@@ -108,9 +120,11 @@ __all__ = [
     "apgd",
     "apgd_targeted",
     "auto",
+    "autoattack",
     "check_attack",
     "cw_l2",
     "deepfool",
+    "fab_targeted",
     "fgsm",
     "lbfgs",
     "pgd",

@@ -38,6 +38,38 @@ def components(steps: int, n_targets: int, queries: int, restarts: int, generato
     ]
 
 
+def cascade(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    threat: ThreatModel,
+    attacks: list[tuple[str, Callable[..., Tensor]]],
+    stats: dict[str, int] | None = None,
+) -> Tensor:
+    """Run ``attacks`` in order, each only on the examples every earlier one failed on.
+
+    x (B, ...), y (B,) -> x_adv (B, ...): the first adversarial point found per example (x where
+    none). A point counts as broken only if it is misclassified *inside* the threat model, so
+    the robust count can only fall from one attack to the next. ``stats`` accumulates the robust
+    count after the clean pass and after each attack.
+    """
+    x = x.detach()
+    x_adv = x.clone()
+    robust = predict(model, x) == y
+    if stats is not None:
+        stats["clean"] = stats.get("clean", 0) + int(robust.sum())
+    for name, attack in attacks:
+        todo = robust.nonzero().squeeze(1)
+        if todo.numel():
+            cand = threat.project(attack(model, x[todo], y[todo], threat), x[todo])
+            hit = predict(model, cand) != y[todo]
+            x_adv[todo[hit]] = cand[hit]
+            robust[todo[hit]] = False
+        if stats is not None:
+            stats[name] = stats.get(name, 0) + int(robust.sum())
+    return x_adv
+
+
 def auto(
     model: nn.Module,
     x: Tensor,
@@ -52,18 +84,4 @@ def auto(
     stats: dict[str, int] | None = None,
 ) -> Tensor:
     """The ensemble; x (B, C, H, W), y (B,) -> worst-case x_adv. ``stats`` gets robust counts."""
-    x = x.detach()
-    x_adv = x.clone()
-    robust = predict(model, x) == y
-    if stats is not None:
-        stats["clean"] = stats.get("clean", 0) + int(robust.sum())
-    for name, attack in components(steps, n_targets, queries, restarts, generator):
-        todo = robust.nonzero().squeeze(1)
-        if todo.numel():
-            cand = attack(model, x[todo], y[todo], threat)
-            hit = predict(model, cand) != y[todo]
-            x_adv[todo[hit]] = cand[hit]
-            robust[todo[hit]] = False
-        if stats is not None:
-            stats[name] = stats.get(name, 0) + int(robust.sum())
-    return x_adv
+    return cascade(model, x, y, threat, components(steps, n_targets, queries, restarts, generator), stats)

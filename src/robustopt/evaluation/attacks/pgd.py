@@ -21,10 +21,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from robustopt.errors import ConfigError
 from robustopt.evaluation.attacks._common import WorstCase, project, radii, random_init
 from robustopt.evaluation.attacks.losses import get_loss
 from robustopt.threat.model import ThreatModel
-from robustopt.threat.perturb import LossFn, frozen_parameters, input_gradient, preserve_state
+from robustopt.threat.perturb import LossFn, check_step_size, frozen_parameters, input_gradient, preserve_state
 
 Tensor = torch.Tensor
 
@@ -62,7 +63,8 @@ def pgd(
 ) -> Tensor:
     """PGD with restarts; x (B, C, H, W), y (B,) -> x_adv (B, C, H, W) inside the threat model."""
     if steps < 1 or restarts < 1:
-        raise ValueError(f"steps and restarts must be >= 1, got {steps}, {restarts}")
+        raise ConfigError(f"pgd: steps and restarts must be >= 1, got {steps}, {restarts}")
+    check_step_size(step_size, "pgd")
     loss_fn = get_loss(loss)
     x = x.detach()
     e = radii(threat, x, eps)

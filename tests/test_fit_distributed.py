@@ -1,0 +1,49 @@
+"""DDP parity for a user's model on a user's data: torchrun with 2 ranks equals one process with the global batch.
+
+The method is deterministic (2 projected steps, no random start): randomised starts are seeded per rank, so
+randomised methods agree with one process only in distribution, not to the bit.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from robustopt.runs import load_model, read_metrics
+from test_fit import FACTORY, make_data
+
+LOOPBACK_ENV = {"MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+ARGS = ["--data", "mine.npz", "--model", "usernets:build", "--method", "robust", "--steps", "2", "--eps", "8/255",
+        "--epochs", "1", "--lr", "0.05", "--device", "cpu", "--no-progress"]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_torchrun_trains_a_factory_model_on_npz_data_like_one_process(tmp_path: Path) -> None:
+    (tmp_path / "usernets.py").write_text(FACTORY)
+    x, y = make_data(400, 0)
+    images = (x * 255).round().byte().permute(0, 2, 3, 1).numpy()  # (N, H, W, C) uint8, as users store them
+    np.savez(tmp_path / "mine.npz", x_train=images[:320], y_train=y[:320].numpy(), x_test=images[320:], y_test=y[320:].numpy())
+    env = {**os.environ, **LOOPBACK_ENV, "PYTHONPATH": str(tmp_path)}
+    ddp = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "robustopt", "train"]
+    done = subprocess.run([*ddp, *ARGS, "--batch-size", "20", "--out", "ddp"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    single = [sys.executable, "-m", "robustopt", "train", *ARGS, "--batch-size", "40", "--out", "single"]
+    done = subprocess.run(single, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    sys.path.insert(0, str(tmp_path))
+    try:
+        a, b = load_model(tmp_path / "ddp"), load_model(tmp_path / "single")
+    finally:
+        sys.path.remove(str(tmp_path))
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
+    ddp_row, single_row = read_metrics(tmp_path / "ddp")[0], read_metrics(tmp_path / "single")[0]
+    assert ddp_row["loss"] == pytest.approx(single_row["loss"], rel=1e-4)
+    assert ddp_row["test_acc"] == pytest.approx(single_row["test_acc"], abs=1e-6)
