@@ -253,7 +253,8 @@ def test_seeds_report_mean_and_std_and_reuse_the_first_seed(tmp_path: Path) -> N
     """--seeds 2 after a single-seed run: seed 1's run and evaluation are reused, seed 2's trained; figures are mean ± std."""
     import statistics
 
-    mini = {**TINY, "nets": ("baseline",), "subset": 300, "eval_n": 40, "curve_n": 20, "minimal_n": 10, "sanity_n": 0}
+    mini = {**TINY, "nets": ("baseline",), "radii": {"linf": 0.2}, "subset": 300, "eval_n": 40, "curve_n": 20}
+    mini.update(minimal_n=10, sanity_n=0, examples=0)
     mini.pop("sanity_nets")
     reproduce(Schedule(**mini), tmp_path, progress=False, log=quiet)
     two = reproduce(Schedule(**{**mini, "seeds": 2}), tmp_path, progress=False, log=quiet)
