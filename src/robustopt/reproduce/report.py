@@ -12,7 +12,7 @@ import math
 from typing import Any
 
 from robustopt.reproduce.claims import FAST_NAME, NORM_LABEL, claims, groups, pct, sanity, transfer_label, transfer_sets
-from robustopt.reproduce.seeds import cell, mean_std
+from robustopt.reproduce.seeds import cell, combine_seeds
 
 # Clean test accuracy noted in the authors' public code (PAPER.md); MNIST, paper-mnist.
 PAPER_EPOCHS = {"mnist": 120, "cifar10": 300}  # the authors' code (PAPER.md)
@@ -20,36 +20,6 @@ PAPER_CLEAN = {"mnist": {"baseline": 0.9909, "robust-linf": 0.9934, "robust-l2":
 
 
 # ----------------------------------------------------------------------------- results
-
-
-def combine_seeds(replicas: list[tuple[int, dict[str, Any], dict[str, Any]]]) -> dict[str, Any]:
-    """Per net: the mean over seeds of every figure, its std under ``std`` (several seeds only) and each run under ``runs``.
-
-    ``replicas`` holds (seed, training info per net, evaluation per net) for every seed."""
-    per_seed = [
-        {name: {**info[name], "eval": {k: v for k, v in evals[name].items() if k != "key"}} for name in info}
-        for _, info, evals in replicas
-    ]
-    nets = {}
-    for name in per_seed[0]:
-        trees = [p[name] for p in per_seed]
-        mean, std = mean_std(trees)
-        mean["runs"] = [
-            {
-                "seed": t["seed"],
-                "status": t["status"],
-                "run_dir": t["run_dir"],
-                "test_acc": t["test_acc"],
-                "clean": t["eval"]["clean"],
-                "train_seconds": t["train_seconds"],
-                "eval_seconds": t["eval"].get("eval_seconds"),
-            }
-            for t in trees
-        ]
-        if len(trees) > 1:
-            mean["std"] = std
-        nets[name] = mean
-    return nets
 
 
 def seed_sanity(replicas: list[tuple[int, dict[str, Any], dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:

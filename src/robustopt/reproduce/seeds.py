@@ -52,6 +52,36 @@ def mean_std(trees: list[Any]) -> tuple[Any, Any]:
     return first, None
 
 
+def combine_seeds(replicas: list[tuple[int, dict[str, Any], dict[str, Any]]]) -> dict[str, Any]:
+    """Per net: the mean over seeds of every figure, its std under ``std`` (several seeds only) and each run under ``runs``.
+
+    ``replicas`` holds (seed, training info per net, evaluation per net) for every seed."""
+    per_seed = [
+        {name: {**info[name], "eval": {k: v for k, v in evals[name].items() if k != "key"}} for name in info}
+        for _, info, evals in replicas
+    ]
+    nets = {}
+    for name in per_seed[0]:
+        trees = [p[name] for p in per_seed]
+        mean, std = mean_std(trees)
+        mean["runs"] = [
+            {
+                "seed": t["seed"],
+                "status": t["status"],
+                "run_dir": t["run_dir"],
+                "test_acc": t["test_acc"],
+                "clean": t["eval"]["clean"],
+                "train_seconds": t["train_seconds"],
+                "eval_seconds": t["eval"].get("eval_seconds"),
+            }
+            for t in trees
+        ]
+        if len(trees) > 1:
+            mean["std"] = std
+        nets[name] = mean
+    return nets
+
+
 def plus_minus(mean: float | None, std: float | None, digits: int = 1, scale: float = 100.0) -> str:
     """``98.7 ± 0.1`` (in % by default); just the mean when there is no spread (one seed: std None)."""
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
