@@ -87,7 +87,9 @@ def test_every_method_steps_a_batchnorm_net(method: str, alpha: float | None, tm
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 14 * 14, 5))
     x, y = make_data(64, 3)
-    fit(net, (x, y), out=tmp_path, method=method, threat=THREAT, epochs=1, batch_size=32, alpha=alpha, steps=2, log=lambda s: None)
+    fit(
+        net, (x, y), out=tmp_path, method=method, threat=THREAT, epochs=1, batch_size=32, alpha=alpha, steps=2, log=lambda s: None
+    )
     assert int(net[1].num_batches_tracked) > 0
 
 
@@ -331,3 +333,13 @@ def test_a_factory_model_trained_from_the_cli_is_rebuilt_by_load_model_in_a_fres
     done = subprocess.run([sys.executable, "-c", check], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["Sequential", "6"]
+
+
+def test_tensorboard_without_the_package_is_a_clear_error_before_any_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as if tensorboard were not installed
+    x, y = make_data(32, 0)
+    with pytest.raises(ConfigError, match="pip install tensorboard"):
+        fit(SmallNet(), (x, y), out=tmp_path / "run", method="standard", epochs=1, tensorboard=True, log=lambda s: None)
+    assert not (tmp_path / "run").exists()

@@ -113,3 +113,19 @@ def test_cli_help_and_bad_flags() -> None:
     assert run_cli("--help").returncode == 0
     bad = run_cli("train", "--norm", "l3", "--out", "/nonexistent/x")
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("robustopt: error: unknown norm")
+
+
+def test_train_help_shows_every_config_field_with_its_default() -> None:
+    """The options are generated from TrainConfig, so the two cannot drift apart."""
+    import dataclasses
+
+    from typer.testing import CliRunner
+
+    from robustopt.cli.app import app
+
+    result = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "400", "NO_COLOR": "1", "TERM": "dumb"})
+    assert result.exit_code == 0
+    text = " ".join(result.output.split())
+    for f in dataclasses.fields(TrainConfig):
+        assert "--" + f.name.replace("_", "-") in text, f.name
+    assert "[default: (paper-mnist)]" in text and "[default: (10 for pgd/trades/mart, else 1)]" in text
