@@ -116,3 +116,23 @@ def test_cifar_recipe_smoke_run_on_cpu(
     assert (config["model"], config["method"], config["schedule"]) == (recipe.model, recipe.method, recipe.schedule)
     assert json.loads((out / "summary.json").read_text())["epochs"] == 1
     print(f"{name}: smoke run {seconds:.1f} s")
+
+
+def test_small_cnn_is_the_trades_mnist_net() -> None:
+    import torch
+
+    from robustopt.models.zoo import build_model
+
+    net = build_model("small-cnn", mean=(0.1307,), std=(0.3081,), num_classes=10, input_shape=(1, 28, 28))
+    sizes = [tuple(p.shape) for p in net.parameters()]
+    assert sizes[::2] == [(32, 1, 3, 3), (32, 32, 3, 3), (64, 32, 3, 3), (64, 64, 3, 3), (200, 1024), (200, 200), (10, 200)]
+    x = torch.rand(4, 1, 28, 28, requires_grad=True)
+    net.eval()
+    assert net(x).shape == (4, 10)
+    # the first layer's fast CPU input gradient equals plain conv2d's
+    conv = net.features[0]
+    g = torch.autograd.grad(conv(x).square().sum(), x)[0]
+    ref = torch.autograd.grad(torch.nn.functional.conv2d(x, conv.weight, conv.bias).square().sum(), x)[0]
+    torch.testing.assert_close(g, ref)
+    with pytest.raises(ConfigError, match="small-cnn"):
+        build_model("small-cnn", mean=(0.5,), std=(0.5,), num_classes=10, input_shape=(1, 32, 32))
