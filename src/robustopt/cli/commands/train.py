@@ -84,11 +84,12 @@ def _parse_flag(name: str, text: Any) -> Any:
 
 def train_command(**kwargs: Any) -> None:
     """Train a classifier by robust optimisation (Algorithm 1 and its relatives) into a run directory."""
+    from robustopt.recipes import resolve  # a recipe name or a TOML path
     from robustopt.training.loop import train
 
     config: Path | None = kwargs.pop("config")
     flags = {k: _parse_flag(k, v) for k, v in kwargs.items() if k in CONFIG_KEYS and v is not None}
-    values: dict[str, Any] = read_toml(config, CONFIG_KEYS | RUNTIME_KEYS) if config else {}
+    values: dict[str, Any] = read_toml(resolve(config), CONFIG_KEYS | RUNTIME_KEYS) if config else {}
     values.update(flags)
     runtime = _runtime_keys(values)
     cfg = make_config(values)
@@ -114,7 +115,7 @@ def _signature() -> inspect.Signature:
             "config",
             kw,
             annotation=Path | None,
-            default=typer.Option(None, "--config", help="TOML file with the same keys as the flags (e.g. a recipe); flags win."),
+            default=typer.Option(None, "--config", help="TOML file with the same keys as the flags, or a recipe name (robustopt recipes); flags win."),
         ),
     ]
     tail = [
