@@ -31,11 +31,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from robustopt.training.config import TrainConfig
 from robustopt.data.datasets import load_dataset, to_float
-from robustopt.threat.perturb import perturb
 from robustopt.runs import load_model
 from robustopt.threat.model import ThreatModel
+from robustopt.threat.perturb import perturb
+from robustopt.training.config import TrainConfig
 from robustopt.training.loop import train
 
 Attack = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x (B,C,H,W), y (B,)) -> x_adv

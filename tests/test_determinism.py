@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from _datafiles import write_npz
-from robustopt.training import distributed as dist
 from robustopt.data.datasets import Dataset
 from robustopt.errors import ConfigError, RunDirError
 from robustopt.runs import load_tensors
+from robustopt.training import distributed as dist
 from robustopt.training.config import TrainConfig
 from robustopt.training.loop import batches, train
 
