@@ -108,6 +108,12 @@ def test_a_partial_file_of_another_model_or_other_data_is_not_reused(std_model, 
     assert evaluate(std_model, x.flip(0), y.flip(0), "pgd", threat, **kw)["clean_accuracy"] > 0.5  # nor other data
     key = json.loads(part.read_text())["key"]
     assert {"model_sha256", "source_sha256", "data_sha256"} <= set(key) and key["source_sha256"] is None
+    kw["attack_kwargs"] = {"loss": "dlr"}  # attack options are part of the key and survive the JSON round trip
+    evaluate(std_model, x, y, "pgd", threat, **kw)
+    saved = json.loads(part.read_text())
+    saved["clean"], saved["robust"] = [False] * 8, [False] * 8
+    part.write_text(json.dumps(saved))
+    assert evaluate(std_model, x, y, "pgd", threat, **kw)["robust_mask"][:8].sum() == 0  # resumed from the file
 
 
 def test_a_gradient_masked_model_trips_the_sanity_checks_and_square_still_breaks_it(std_model, mnist_test_batch):
