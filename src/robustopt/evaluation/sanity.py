@@ -130,6 +130,7 @@ def attack_cost(name: str, steps: int | None, restarts: int, n: int, stats: dict
     per = {"fgsm": 1, "fgm": 1, "pgd": (steps or 40) * restarts, "bim": steps or 40, "apgd-ce": (steps or 100) * restarts,
            "apgd-dlr": steps or 100, "deepfool": 3, "cw": steps or 100, "lbfgs": steps or 100,
            "square": 1 + (steps or 5000) / 3 / 50, "fab-t": steps or 100}  # fmt: skip
+    # square and fab-t stop early on broken points: charged as if the average point took 1/50 of the queries / one target
     if stats and name in ("auto", "autoattack"):
         s = steps or 100
         unit = {"apgd-ce": s * restarts, "apgd-t": 9 * s, "fab-t": 9 * s, "square": 5000 / 3}
