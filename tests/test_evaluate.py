@@ -327,10 +327,15 @@ def test_cli_evaluates_any_model_from_a_factory_and_foreign_weights(standard_run
         (["RUN", "--sanity", "some"], "--sanity must be light, full or off"),
     ],
 )
-def test_cli_evaluate_bad_models_and_flags_are_one_line_errors_before_any_attack(standard_run, tmp_path, args, needle):
+def test_cli_evaluate_bad_models_and_flags_are_one_line_errors_before_any_attack(
+    standard_run, tmp_path, monkeypatch, capsys, args, needle
+):
+    """In-process (the CLI's own main, as the fuzz suite runs it): no interpreter start per case."""
     import shutil
 
     from safetensors.torch import save_file
+
+    from robustopt import cli
 
     cwd = _factory_module(tmp_path, standard_run)
     save_file({k: v.contiguous() for k, v in nn.Sequential(nn.Flatten(), nn.Linear(784, 5)).state_dict().items()},
@@ -341,9 +346,13 @@ def test_cli_evaluate_bad_models_and_flags_are_one_line_errors_before_any_attack
     (cifar / "config.json").write_text(json.dumps({**cfg, "dataset": "cifar10"}))
     subst = {"W": str(standard_run / "model.safetensors"), "FIVE": str(tmp_path / "five.safetensors"), "RUN": str(standard_run),
              "CIFAR_RUN": str(cifar)}  # fmt: skip
-    p = _cli_in(cwd, "evaluate", *[subst.get(a, a) for a in args], "--eps", "0.1", "--subset", "10")
-    assert p.returncode == 2 and needle in p.stderr, p.stderr
-    assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    monkeypatch.chdir(cwd)
+    monkeypatch.syspath_prepend(str(cwd))
+    with pytest.raises(SystemExit) as info:
+        cli.main(["evaluate", *[subst.get(a, a) for a in args], "--eps", "0.1", "--subset", "10", "--no-progress"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and needle in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 def test_cli_robustbench_json_holds_the_model_card_fields(standard_run, tmp_path):
