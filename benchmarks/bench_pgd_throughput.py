@@ -31,11 +31,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from robustopt.training.config import TrainConfig
 from robustopt.data.datasets import load_dataset, to_float
-from robustopt.threat.perturb import perturb
 from robustopt.runs import load_model
 from robustopt.threat.model import ThreatModel
+from robustopt.threat.perturb import perturb
+from robustopt.training.config import TrainConfig
 from robustopt.training.loop import train
 
 Attack = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x (B,C,H,W), y (B,)) -> x_adv
@@ -116,12 +116,14 @@ def main() -> None:
         clean = float((model(x).argmax(1) == y).float().mean())
         acc = {n: float((model(a).argmax(1) == y).float().mean()) for n, a in adv.items()}
     print(f"clean accuracy {clean:.3f}\n")
-    print(f"{'tool':<14}{'images/s':>10}{'robustopt ÷':>13}{'adv acc':>9}{'max |Δ| to robustopt':>22}")
+    head = f"{'tool':<14}{'images/s':>10}{'robustopt ÷':>13}{'adv acc':>9}{'max |Δ| to robustopt':>22}"
+    print(f"{head}{'images ≠':>10}{'pixels ≠':>10}")
     ref = len(y) / best["robustopt"]
     for n in names:
         ips = len(y) / best[n]
-        diff = float((adv[n] - adv["robustopt"]).abs().max())
-        print(f"{n:<14}{ips:>10.0f}{ref / ips:>13.2f}{acc[n]:>9.3f}{diff:>22.2e}")
+        delta = (adv[n] - adv["robustopt"]).abs()
+        images, pixels = int((delta.flatten(1).amax(1) > 0).sum()), float((delta > 0).float().mean())
+        print(f"{n:<14}{ips:>10.0f}{ref / ips:>13.2f}{acc[n]:>9.3f}{float(delta.max()):>22.2e}{images:>10}{pixels:>10.2%}")
 
 
 if __name__ == "__main__":

@@ -18,10 +18,12 @@ from robustopt.evaluation.attacks.losses import dlr_loss, margin
 from robustopt.runs import load_model
 from robustopt.threat.model import ThreatModel
 
-BOUNDED = ["fgsm", "fgm", "pgd", "bim", "apgd-ce", "apgd-dlr", "square", "auto"]
+BOUNDED = ["fgsm", "fgm", "pgd", "bim", "apgd-ce", "apgd-dlr", "square", "auto", "autoattack", "fab-t"]
 MINIMAL = ["deepfool", "cw", "lbfgs"]
 FAST = {"pgd": {"steps": 5}, "bim": {"steps": 5}, "apgd-ce": {"steps": 8}, "apgd-dlr": {"steps": 8, "n_targets": 2},
-        "square": {"steps": 30}, "auto": {"steps": 5, "n_targets": 2, "queries": 20}, "deepfool": {"steps": 10},
+        "square": {"steps": 30}, "auto": {"steps": 5, "n_targets": 2, "queries": 20},
+        "autoattack": {"steps": 5, "n_targets": 2, "queries": 20}, "fab-t": {"steps": 5, "n_targets": 2},
+        "deepfool": {"steps": 10},
         "cw": {"steps": 10, "search_steps": 2}, "lbfgs": {"steps": 10, "search_steps": 2}}  # fmt: skip
 
 

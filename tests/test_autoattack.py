@@ -78,15 +78,15 @@ def test_every_autoattack_component_stays_in_ball_and_box(norm, eps):
 
 def test_the_cascade_never_raises_a_robust_count(standard_run, mnist_test_batch):
     model = load_model(standard_run)
-    x, y = mnist_test_batch[0][:60], mnist_test_batch[1][:60]
+    x, y = mnist_test_batch[0][:32], mnist_test_batch[1][:32]
     threat, stats = ThreatModel("linf", 0.08), {}
-    x_adv = autoattack(model, x, y, threat, steps=5, n_targets=3, queries=50, stats=stats)
+    x_adv = autoattack(model, x, y, threat, steps=4, n_targets=2, queries=30, stats=stats)
     counts = list(stats.values())
     assert list(stats) == ["clean", "apgd-ce", "apgd-t", "fab-t", "square"]
     assert all(a >= b for a, b in zip(counts, counts[1:], strict=False)) and counts[0] > counts[-1]
     assert int((predict(model, x_adv) == y).sum()) == counts[-1]  # the returned points realise the count
     assert bool(threat.contains(x_adv, x).all())
-    one = cascade(model, x, y, threat, standard_components("linf", 5, 3, 50, 0)[:1])
+    one = cascade(model, x, y, threat, standard_components("linf", 4, 2, 30, 0)[:1])
     assert counts[-1] <= int((predict(model, one) == y).sum())  # adding attacks only breaks more points
 
 

@@ -75,8 +75,11 @@ def test_not_found_is_inf():
 
 def test_summary_values():
     s = summary(torch.tensor([0.0, 1.0, 2.0, math.inf]), torch.tensor([1.0, 2.0, 4.0, 1.0]))
-    assert s["found_fraction"] == 0.75 and s["median"] == 1.0 and s["mean"] == 1.0
-    assert s["rho_adv"] == pytest.approx(1 / 3)
+    assert s["misclassified"] == 1 and s["n"] == 3  # the misclassified image is reported apart, not as distance 0
+    assert s["found_fraction"] == pytest.approx(2 / 3) and s["median"] == 2.0 and s["mean"] == 1.5
+    assert s["rho_adv"] == pytest.approx(0.5)
+    weak = summary(torch.tensor([0.0, 0.0, 0.0, 0.3, 0.5]), torch.ones(5))  # a weak model: most already wrong
+    assert weak["misclassified"] == 3 and weak["median"] == pytest.approx(0.3)
     assert summary(torch.tensor([math.inf, math.inf, 1.0]), torch.ones(3))["median"] == math.inf
 
 
@@ -116,9 +119,20 @@ def test_cli_stability_prints_statistics_and_writes_the_histogram(standard_run, 
     assert p.returncode == 0, p.stderr
     res = json.loads(p.stdout)
     s = res["runs"][str(standard_run)]
-    assert s["n"] == 20 and 0 < s["median"] < 5 and s["found_fraction"] > 0.9
+    assert s["n"] + s["misclassified"] == 20 and 0 < s["median"] < 5 and s["found_fraction"] > 0.9
     assert out.read_bytes()[:4] == b"\x89PNG"
     bad = subprocess.run(
         [sys.executable, "-m", "robustopt", "stability", str(standard_run), "--norm", "l5"], capture_output=True, text=True
     )
     assert bad.returncode == 2 and "unknown norm" in bad.stderr
+
+
+def test_cli_stability_out_folder_gets_the_file_inside_and_a_non_png_is_refused(standard_run, tmp_path):
+    cmd = [sys.executable, "-m", "robustopt", "stability", str(standard_run), "--subset", "5", "--no-progress", "--out"]
+    p = subprocess.run([*cmd, str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    png = tmp_path / "stability_l2_deepfool.png"
+    assert png.read_bytes()[:4] == b"\x89PNG" and f"histogram {png}" in p.stdout
+    assert not tmp_path.with_suffix(".png").exists()  # not written beside the folder
+    bad = subprocess.run([*cmd, str(tmp_path / "hist")], capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "must be a .png file or an existing folder" in bad.stderr

@@ -185,7 +185,7 @@ def evaluate(
     name, fn = _attack_fn(attack, steps, restarts, attack_kwargs or {})
     key = {"attack": name, "norm": threat.norm, "eps": threat.eps, "steps": steps, "restarts": restarts}
     key.update(seed=seed, n=len(y), batch_size=batch_size, transfer=source_model is not None, eot=attacker is not model)
-    key.update(attack_kwargs=sorted((k, repr(v)) for k, v in (attack_kwargs or {}).items()))
+    key.update(attack_kwargs={k: repr(v) for k, v in sorted((attack_kwargs or {}).items())})  # survives a JSON round trip
     partial = Path(partial_path) if partial_path else None
     if partial is not None:
         key.update(model_sha256=_weights_hash(model), source_sha256=_weights_hash(source_model))

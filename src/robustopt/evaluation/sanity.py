@@ -3,18 +3,34 @@
 A model that *masks* its gradients (zero, noisy or useless input gradients) defeats
 gradient attacks without being robust (Athalye et al. 2018; Tramèr et al. 2018). Each
 check below compares attacks that must be ordered if gradients are informative; a
-violation is recorded as ``{"passed": False, ...}`` and printed loudly. All accuracies are
-robust accuracies on the same examples: correct on x *and* on x_adv.
+violation is recorded as ``{"passed": False, ...}`` and printed loudly with what to do next
+(:data:`ADVICE`). All accuracies are robust accuracies on the same examples: correct on x
+*and* on x_adv.
+
+Before any attack (:func:`output_checks`, three forward passes on 32 images):
+
+* ``randomness``: two forward passes on the same inputs must agree; if not, the evaluator
+  attacks the expected logits (EOT, :mod:`robustopt.evaluation.eot`);
+* ``logits``: outputs that are all ≥ 0 with rows summing to 1 are probabilities, not logits.
+
+After the attack (:func:`run_checks`, on the first ``plan.n`` examples):
 
 * ``large_eps``: PGD with ε = the diameter of the box (every input reachable) must leave
   accuracy ~0 (≤ ``large_eps_max``);
-* ``more_steps``: PGD with 2× the steps and 2 restarts must not be more than ``tol`` above PGD;
+* ``more_steps``: PGD with 2× the steps must not be more than ``tol`` above the PGD run;
 * ``iterative_vs_single``: PGD must not be more than ``tol`` above the single-step attack;
 * ``whitebox_vs_blackbox``: the white-box accuracy (PGD, and the evaluated attack when it
   is white-box) must not be more than ``tol`` above the black-box Square attack's;
 * ``whitebox_vs_transfer``: likewise against the transfer accuracy (only with a source model);
 * ``zero_gradients``: at most ``tol`` of the examples may have an exactly zero input gradient
   (AutoAttack's ``checks.py`` idea).
+
+Budgets (:class:`CheckPlan`): the default "light" plan costs at most a quarter of the
+evaluated attack (:func:`light_plan`, :func:`attack_cost`): when the evaluated attack is PGD,
+BIM or APGD-CE its own robust mask is the PGD run, the stronger run has 2× its steps, the
+large-ε PGD 5 steps, Square 100 queries, and the sample is as large as the budget allows
+(16 to 200 examples). :data:`FULL` is the heavy version: 200 examples, PGD-20, PGD-40 with 2
+restarts, Square with 1000 queries.
 """
 
 from __future__ import annotations
@@ -114,6 +130,7 @@ def attack_cost(name: str, steps: int | None, restarts: int, n: int, stats: dict
     per = {"fgsm": 1, "fgm": 1, "pgd": (steps or 40) * restarts, "bim": steps or 40, "apgd-ce": (steps or 100) * restarts,
            "apgd-dlr": steps or 100, "deepfool": 3, "cw": steps or 100, "lbfgs": steps or 100,
            "square": 1 + (steps or 5000) / 3 / 50, "fab-t": steps or 100}  # fmt: skip
+    # square and fab-t stop early on broken points: charged as if the average point took 1/50 of the queries / one target
     if stats and name in ("auto", "autoattack"):
         s = steps or 100
         unit = {"apgd-ce": s * restarts, "apgd-t": 9 * s, "fab-t": 9 * s, "square": 5000 / 3}

@@ -51,10 +51,10 @@ def check_inputs(x: Tensor, y: Tensor | None, threat: ThreatModel, where: str = 
         raise DataError(f"{where}: x must be a non-empty batch (B, ...) of inputs, got {shape}")
     if not x.is_floating_point():
         raise DataError(f"{where}: x has dtype {x.dtype}; convert images to float in {threat.bounds} (e.g. x.float() / 255)")
-    if not bool(torch.isfinite(x).all()):
+    finite, x_min, x_max = torch.stack([torch.isfinite(x).all().to(x.dtype), x.min(), x.max()]).tolist()  # one sync
+    if not finite:
         raise DataError(f"{where}: x contains NaN or infinite values; clean the inputs first")
     lo, hi = threat.bounds
-    x_min, x_max = float(x.min()), float(x.max())
     if x_min < lo - 1e-6 or x_max > hi + 1e-6:
         raise DataError(
             f"{where}: inputs span [{x_min:g}, {x_max:g}], outside the threat model's bounds {threat.bounds}; "

@@ -115,7 +115,11 @@ def _signature() -> inspect.Signature:
             "config",
             kw,
             annotation=Path | None,
-            default=typer.Option(None, "--config", help="TOML file with the same keys as the flags, or a recipe name (robustopt recipes); flags win."),
+            default=typer.Option(
+                None,
+                "--config",
+                help="TOML file with the same keys as the flags, or a recipe name (robustopt recipes); flags win.",
+            ),
         ),
     ]
     tail = [

@@ -1,22 +1,22 @@
 """Adversarial attacks, one small module each, all built on :class:`~robustopt.threat.model.ThreatModel`.
 
-=============  ==============================================================  =============
-name           attack                                                          norms
-=============  ==============================================================  =============
-``fgsm``       one first-order step of the threat's norm (FGSM / FGM / ℓ1)     linf, l2, l1
-``fgm``        alias of ``fgsm`` (the name for ℓ2)                             linf, l2, l1
-``pgd``        PGD with random restarts, loss ce/dlr/margin                    linf, l2, l1
-``bim``        PGD without random start (Kurakin et al.)                       linf, l2, l1
-``apgd-ce``    Auto-PGD, cross-entropy                                         linf, l2, l1
-``apgd-dlr``   targeted Auto-PGD, DLR loss                                     linf, l2, l1
-``square``     black-box Square attack                                         linf (l2, l1)
-``auto``       APGD-CE + APGD-T + Square, worst case per example               linf, l2, l1
-``autoattack`` AutoAttack "standard": APGD-CE, APGD-T, FAB-T, Square cascade    linf, l2 (l1: APGD)
-``fab-t``      targeted FAB minimal perturbation, success within ε             linf, l2, l1
-``deepfool``   DeepFool minimal perturbation in the threat's norm              linf, l2, l1
-``cw``         Carlini–Wagner ℓ2 minimal perturbation                          l2
-``lbfgs``      Szegedy et al.'s box-constrained L-BFGS                         l2
-=============  ==============================================================  =============
+==============  ============================================================  ==================
+name            attack                                                        norms
+==============  ============================================================  ==================
+``fgsm``        one first-order step of the threat's norm (FGSM / FGM / ℓ1)   linf, l2, l1
+``fgm``         alias of ``fgsm`` (the name for ℓ2)                           linf, l2, l1
+``pgd``         PGD with random restarts, loss ce/dlr/margin                  linf, l2, l1
+``bim``         PGD without random start (Kurakin et al.)                     linf, l2, l1
+``apgd-ce``     Auto-PGD, cross-entropy                                       linf, l2, l1
+``apgd-dlr``    targeted Auto-PGD, DLR loss                                   linf, l2, l1
+``fab-t``       targeted FAB (minimal perturbation); a success only within ε  linf, l2, l1
+``square``      black-box Square attack                                       linf (l2, l1)
+``auto``        APGD-CE + APGD-T + Square, worst case per example             linf, l2, l1
+``autoattack``  AutoAttack "standard": APGD-CE, APGD-T, FAB-T, Square         linf, l2; l1: APGD
+``deepfool``    DeepFool minimal perturbation in the threat's norm            linf, l2, l1
+``cw``          Carlini–Wagner ℓ2 minimal perturbation                        l2
+``lbfgs``       Szegedy et al.'s box-constrained L-BFGS                       l2
+==============  ============================================================  ==================
 
 :func:`run_attack` is the one entry point the evaluator uses. Like foolbox's base class it
 projects every result onto the threat model itself, so no attack can return a point outside
