@@ -343,3 +343,12 @@ def test_tensorboard_without_the_package_is_a_clear_error_before_any_file(
     with pytest.raises(ConfigError, match="pip install tensorboard"):
         fit(SmallNet(), (x, y), out=tmp_path / "run", method="standard", epochs=1, tensorboard=True, log=lambda s: None)
     assert not (tmp_path / "run").exists()
+
+
+def test_robust_loss_refuses_inputs_outside_the_threat_bounds() -> None:
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    x, y = torch.rand(4, 3, 2, 2), torch.randint(0, 3, (4,))
+    with pytest.raises(DataError, match="robust_loss"):
+        robust_loss(model, x * 255, y, ThreatModel("linf", 0.1), "pgd")
+    with pytest.raises(ConfigError, match="free"):
+        robust_loss(model, x, y, ThreatModel("linf", 0.1), "free")

@@ -36,7 +36,7 @@ from torch import nn
 
 from robustopt.errors import ConfigError
 from robustopt.threat.model import ThreatModel
-from robustopt.threat.perturb import ascend, perturb, preserve_state
+from robustopt.threat.perturb import ascend, check_inputs, perturb, preserve_state
 
 Tensor = torch.Tensor
 
@@ -129,7 +129,7 @@ def robust_loss(
     if method == "free":
         raise ConfigError("method 'free' replays minibatches and updates inside its inner loop; use robustopt.fit for it")
     obj = make_objective(method, threat, alpha=alpha, beta=beta, steps=steps, step_size=step_size)
-    loss, _ = objective_loss(obj, model, x, y, threat, generator=generator, attack_model=attack_model)
+    loss, _ = objective_loss(obj, model, x, y, threat, generator=generator, attack_model=attack_model, check=True)
     return loss
 
 
@@ -142,9 +142,14 @@ def objective_loss(
     *,
     generator: torch.Generator | None = None,
     attack_model: nn.Module | None = None,
+    check: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """(scalar loss, detached logits of the batch the accuracy is reported on)."""
+    """(scalar loss, detached logits of the batch the accuracy is reported on).
+
+    ``check`` validates x (finite, inside the threat's bounds) first; fit validated its data up front."""
     attacker = model if attack_model is None else attack_model
+    if check:
+        check_inputs(x, y, threat, where="robust_loss")
     if obj.method == "trades":
         return _trades(obj, model, attacker, x, y, threat, generator)
     if obj.method == "mart":
@@ -157,7 +162,15 @@ def objective_loss(
     x_adv = None
     if alpha < 1.0:
         x_adv = perturb(
-            attacker, x, y, threat, steps=obj.steps, step_size=obj.step_size, random_start=obj.random_start, generator=generator
+            attacker,
+            x,
+            y,
+            threat,
+            steps=obj.steps,
+            step_size=obj.step_size,
+            random_start=obj.random_start,
+            generator=generator,
+            check=False,
         )
     loss = x.new_zeros(())
     logits = None
@@ -219,6 +232,7 @@ def _trades(
         step_size=obj.step_size,
         loss_fn=lambda logits, target: kl_per_example(target, logits),
         x_init=_gaussian_start(x, threat, gen),
+        check=False,
     )
     clean = model(x)
     adv = model(x_adv)
@@ -230,7 +244,9 @@ def _mart(
     obj: Objective, model: nn.Module, attacker: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, gen: torch.Generator | None
 ) -> tuple[Tensor, Tensor]:
     """MART: boosted CE on x̃ plus β·KL(p(x) ‖ p(x̃)) weighted by 1 − p_y(x) (misclassification-aware)."""
-    x_adv = perturb(attacker, x, y, threat, steps=obj.steps, step_size=obj.step_size, x_init=_gaussian_start(x, threat, gen))
+    x_adv = perturb(
+        attacker, x, y, threat, steps=obj.steps, step_size=obj.step_size, x_init=_gaussian_start(x, threat, gen), check=False
+    )
     clean = model(x)
     adv = model(x_adv)
     adv_probs = F.softmax(adv.float(), dim=1)
