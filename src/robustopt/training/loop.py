@@ -7,6 +7,7 @@ around it: data order, learning-rate schedule, evaluation, checkpoints, resume, 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -21,11 +22,24 @@ from torch import nn
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
-from robustopt import __version__
+from robustopt import __version__, devices
 from robustopt.data.datasets import Dataset, load_dataset, to_float
-from robustopt.errors import ConfigError, RunDirError
+from robustopt.errors import ConfigError
 from robustopt.models.zoo import build_model
-from robustopt.runs import CHECKPOINT, CONFIG, MODEL, SUMMARY, is_finished, read_json, save_model, write_json, write_metrics
+from robustopt.runs import (
+    CHECKPOINT,
+    CONFIG,
+    MODEL,
+    SUMMARY,
+    RunLock,
+    check_out,
+    check_run_dir,
+    clean_stray_tmp,
+    replace_run,
+    save_model,
+    write_json,
+    write_metrics,
+)
 from robustopt.threat.model import ThreatModel
 from robustopt.threat.perturb import perturb
 from robustopt.training import distributed as dist
@@ -140,30 +154,6 @@ def run_metadata(cfg: TrainConfig, data: Dataset, device: torch.device, info: di
     }
 
 
-def prepare_run_dir(out: Path, cfg: TrainConfig, *, resume: bool, overwrite: bool) -> bool:
-    """Check ``out`` against the request. Returns True when a checkpoint should be resumed."""
-    if out.exists() and not out.is_dir():
-        raise RunDirError(f"--out {out} is a file, not a run directory; choose another --out")
-    if overwrite:
-        for name in (CONFIG, MODEL, CHECKPOINT, SUMMARY, "metrics.jsonl"):
-            (out / name).unlink(missing_ok=True)
-        return False
-    if not (out / CONFIG).exists():
-        return False
-    if is_finished(out):
-        raise RunDirError(f"{out} already holds a finished run; pass --overwrite to replace it or choose another --out")
-    if not resume:
-        raise RunDirError(f"{out} already holds an unfinished run; pass --resume to continue it or --overwrite to restart")
-    saved = read_json(out / CONFIG).get("train", {})
-    wanted = cfg.training_keys()
-    diff = sorted(k for k in wanted if k in saved and saved[k] != wanted[k] or k not in saved)
-    if diff:
-        raise RunDirError(
-            f"{out} holds a run with a different configuration ({', '.join(diff)}); use another --out or --overwrite"
-        )
-    return (out / CHECKPOINT).exists()
-
-
 def _guard_check(ctx: StepContext, held: tuple[torch.Tensor, torch.Tensor], device: torch.device) -> float:
     """PGD-10 accuracy on a held-out batch: Wong et al.'s catastrophic-overfitting check."""
     x, y = to_float(held[0]).to(device), held[1].to(device)
@@ -194,7 +184,7 @@ def train(
     Returns the summary dict (also written to ``out/summary.json``).
     """
     info = dist.from_env()
-    dev = pick_device(device)
+    dev = devices.pick_device(device)
     if info.enabled and dev.type == "cuda":
         dev = torch.device("cuda", info.local_rank)
         torch.cuda.set_device(dev)
@@ -202,7 +192,10 @@ def train(
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS is deterministic only with a fixed workspace
         torch.backends.cudnn.benchmark = False
         torch.use_deterministic_algorithms(True, warn_only=True)
-    out = Path(out)
+    # Validation first (out, seed, data, model): nothing on disk changes until all of it has passed.
+    out = check_out(out)
+    if cfg.seed * 1000 + info.world_size + cfg.epochs >= 2**64:  # generator seeds must fit in 64 bits
+        raise ConfigError(f"--seed must be below {(2**64 - info.world_size - cfg.epochs) // 1000}, got {cfg.seed}")
     data = load_dataset(cfg.dataset, data_dir).subset(cfg.subset)
     threat = ThreatModel(cfg.norm, cfg.pixel_eps)
     threat.check_fits(data.input_shape)
@@ -213,17 +206,40 @@ def train(
         if len(y_train) <= 1000:
             raise ConfigError("method 'fast' needs more than 1000 training images (500 are held out for its PGD guard)")
         x_train, y_train, held = x_train[:-500], y_train[:-500], (x_train[-500:], y_train[-500:])
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, mean=data.mean, std=data.std, num_classes=data.num_classes, input_shape=data.input_shape)
+    # Then the lock (one writer per run directory), the pure check, and only then the replacement.
+    with RunLock(out) if info.is_main else contextlib.nullcontext():
+        if info.is_main:
+            do_resume = check_run_dir(out, cfg.training_keys(), resume=resume, overwrite=overwrite)
+            replace_run(out) if overwrite else clean_stray_tmp(out)
+        else:
+            do_resume = resume and (out / CHECKPOINT).exists()
+        train_set, test_set = (x_train, y_train), (x_test, y_test)
+        return _train_in(out, cfg, data, model, threat, train_set, test_set, held, dev, info, do_resume, progress_bar, log)
+
+
+def _train_in(
+    out: Path,
+    cfg: TrainConfig,
+    data: Dataset,
+    model: nn.Module,
+    threat: ThreatModel,
+    train_set: tuple[torch.Tensor, torch.Tensor],
+    test_set: tuple[torch.Tensor, torch.Tensor],
+    held: tuple[torch.Tensor, torch.Tensor] | None,
+    dev: torch.device,
+    info: dist.DistInfo,
+    do_resume: bool,
+    progress_bar: bool,
+    log: Log,
+) -> dict[str, Any]:
+    """The training proper, in a run directory that :func:`train` has validated and locked."""
+    (x_train, y_train), (x_test, y_test) = train_set, test_set
     if dev.type == "cuda":  # keep the whole uint8 dataset on the GPU: batches never wait on the host
         x_train, y_train = x_train.to(dev), y_train.to(dev)
-
-    do_resume = (
-        prepare_run_dir(out, cfg, resume=resume, overwrite=overwrite) if info.is_main else resume and (out / CHECKPOINT).exists()
-    )
     dist.setup(info, dev)
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, mean=data.mean, std=data.std, num_classes=data.num_classes, input_shape=data.input_shape).to(
-        dev
-    )
+    model = model.to(dev)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if cfg.sync_bn and info.enabled:
@@ -234,7 +250,10 @@ def train(
     method_state: dict[str, torch.Tensor] = {}
     prog = Progress()
     if do_resume:
-        prog, method_state, _ = load_checkpoint(out / CHECKPOINT, model, optimizer, generator, dev)
+        iters = num_batches(len(y_train), cfg.batch_size, info)
+        prog, method_state, _ = load_checkpoint(
+            out / CHECKPOINT, model, optimizer, generator, dev, epochs=cfg.epochs, batches_per_epoch=iters
+        )
         log(f"resuming {out} at epoch {prog.epoch + 1}, batch {prog.batch}")
     if info.is_main:
         write_json(out / CONFIG, run_metadata(cfg, data, dev, info))
