@@ -148,6 +148,8 @@ def _read_member(z: zipfile.ZipFile, name: str, path: Path) -> np.ndarray:
             raise DataError(f"{path}: member {name} uses .npy format version {version}; re-save it with numpy.savez")
         read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
         shape, fortran, dtype = read_header(m)
+        if any(d < 0 for d in shape):
+            raise DataError(f"{path}: array {name} declares a negative dimension {shape}; the file is corrupt")
         if dtype.hasobject:
             raise DataError(f"{path}: array {name} holds Python objects, which need pickle; robustopt never unpickles")
         nbytes = math.prod(shape) * dtype.itemsize

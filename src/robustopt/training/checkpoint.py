@@ -52,8 +52,9 @@ def _restore_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tens
     """Put the saved per-parameter state back; the hyperparameters stay those of ``opt`` (built from the config).
 
     The saved ``param_groups`` live in the file's JSON header, outside the content hash, so they are
-    not trusted: they must list the same parameters, and only their ``lr`` (which the loop resets
-    every batch anyway) is taken over. Each saved state tensor must have its parameter's shape.
+    not trusted: they must list the same parameters with the same settings as ``opt`` (built from the
+    config that ``--resume`` already matched), and a finite ``lr``. Each state tensor must have its
+    parameter's shape.
     """
     params = [p for group in opt.param_groups for p in group["params"]]
     state: dict[int, dict[str, Any]] = {}
@@ -75,8 +76,11 @@ def _restore_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tens
     if len(saved) != len(groups) or any(s["params"] != g["params"] for s, g in zip(saved, groups, strict=True)):
         raise CheckpointError(f"{path}: optimizer parameter groups do not match the model; restart with --overwrite")
     for s, g in zip(saved, groups, strict=True):
-        lr = s.get("lr", g["lr"])
-        g["lr"] = float(lr) if isinstance(lr, (int, float)) and not isinstance(lr, bool) and math.isfinite(lr) else g["lr"]
+        changed = sorted(k for k in g if k not in ("params", "lr") and k in s and s[k] != g[k])
+        if changed or not _is_number(s.get("lr")):
+            what = ", ".join(changed) or "lr"
+            raise CheckpointError(f"{path}: optimizer setting {what} differs from the run's configuration; use --overwrite")
+        g["lr"] = float(s["lr"])
     opt.load_state_dict({"state": state, "param_groups": groups})
 
 
