@@ -110,13 +110,25 @@ def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, bytes]]:
+def pristine_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, bytes]]:
     """A real finished 1-epoch mlp run on 300 MNIST images, and a snapshot of its files."""
     from robustopt.training.loop import train
 
     run = tmp_path_factory.mktemp("finished") / "run"
     train(TrainConfig(**RUN_CONFIG), run, progress_bar=False, log=lambda s: None)
     return run, snapshot(run)
+
+
+@pytest.fixture
+def finished_run(pristine_run: tuple[Path, dict[str, bytes]]) -> tuple[Path, dict[str, bytes]]:
+    """The finished run, restored from its snapshot before each test: one destructive case cannot spoil the next."""
+    run, files = pristine_run
+    if run.is_dir():
+        shutil.rmtree(run)
+    run.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        (run / name).write_bytes(data)
+    return run, files
 
 
 @pytest.fixture
@@ -606,6 +618,10 @@ def test_out_is_a_file(tmp_path: Path, capsys) -> None:
 # ---------------------------------------------------------------- special files: a FIFO must not hang, /dev/zero not eat memory
 
 
+class Hung(BaseException):
+    """Not an Exception: the CLI's handlers must not turn a hang into an ordinary error line."""
+
+
 @contextmanager
 def guarded(seconds: int = 20, extra_bytes: int = 2 << 30) -> Iterator[None]:
     """Fail (not hang, not exhaust the machine) if the code under test blocks or reads without bound.
@@ -615,7 +631,7 @@ def guarded(seconds: int = 20, extra_bytes: int = 2 << 30) -> Iterator[None]:
     """
 
     def timeout(signum: int, frame: object) -> None:
-        raise TimeoutError(f"blocked for {seconds} s")
+        raise Hung(f"blocked for {seconds} s")
 
     soft, hard = resource.getrlimit(resource.RLIMIT_AS)
     in_use = int(Path("/proc/self/statm").read_text().split()[0]) * os.sysconf("SC_PAGE_SIZE")
@@ -849,13 +865,15 @@ SUBPROCESS_CASES: dict[str, list[str]] = {
 
 
 @pytest.fixture(scope="module")
-def subprocess_results(tmp_path_factory: pytest.TempPathFactory, finished_run: tuple[Path, dict[str, bytes]]) -> dict:
+def subprocess_results(tmp_path_factory: pytest.TempPathFactory, pristine_run: tuple[Path, dict[str, bytes]]) -> dict:
     """Run every subprocess case (and one with --debug) concurrently; {case: CompletedProcess}."""
     tmp = tmp_path_factory.mktemp("subprocess")
     _truncated_npz(tmp)
     run = tmp / "run"
-    shutil.copytree(finished_run[0], run)
-    (run / "summary.json").unlink()
+    run.mkdir()
+    for name, data in pristine_run[1].items():
+        if name != "summary.json":
+            (run / name).write_bytes(data)
     _flip(1)(run / "checkpoint.safetensors")
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp / "cache"), "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     env.pop("ROBUSTOPT_DATA", None)
