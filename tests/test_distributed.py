@@ -77,6 +77,7 @@ def _parity_worker(rank: int, port: int, out: str) -> None:
     result["guard"] = torch.tensor(_guards_of_all_ranks(rank))
     if rank == 0:
         torch.save(result, out)
+    dist.barrier()  # leave together: a rank that exits while its peer still talks can abort the peer
     dist.destroy_process_group()
 
 

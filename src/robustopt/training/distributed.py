@@ -36,15 +36,24 @@ def from_env() -> DistInfo:
     return DistInfo(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def setup(info: DistInfo, device: torch.device) -> None:
-    """Join the process group when running under torchrun (idempotent)."""
+def setup(info: DistInfo, device: torch.device) -> bool:
+    """Join the process group when running under torchrun; returns True when this call created it.
+
+    Whoever creates the group must destroy it (:func:`teardown`) before the process exits: a process
+    that exits with a live gloo group can abort (SIGABRT, "terminate called without an active
+    exception") while the interpreter tears down, depending on how its exit races the other ranks'.
+    """
     if info.enabled and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, rank=info.rank, world_size=info.world_size)
+        return True
+    return False
 
 
 def teardown() -> None:
+    """Destroy the process group: every rank first waits at a barrier, so none leaves while others still talk."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -238,7 +238,7 @@ def _train_in(
     (x_train, y_train), (x_test, y_test) = train_set, test_set
     if dev.type == "cuda":  # keep the whole uint8 dataset on the GPU: batches never wait on the host
         x_train, y_train = x_train.to(dev), y_train.to(dev)
-    dist.setup(info, dev)
+    created_group = dist.setup(info, dev)
     model = model.to(dev)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -355,5 +355,8 @@ def _train_in(
     }
     if info.is_main:
         write_json(out / SUMMARY, summary)
-    dist.barrier()
+    if created_group:  # a gloo group alive at interpreter exit can SIGABRT the process
+        dist.teardown()
+    else:
+        dist.barrier()
     return summary

@@ -13,9 +13,9 @@ import typer
 def _load(run_dir: Path, device: str | None, subset: int | None, data_dir: Path | None):
     """(model, x float (N, C, H, W), y (N,), device, config) for a run's first ``subset`` test images."""
     from robustopt.data.datasets import load_dataset, to_float
+    from robustopt.devices import pick_device
     from robustopt.errors import ConfigError, RunDirError
     from robustopt.runs import CONFIG, load_model, read_json
-    from robustopt.devices import pick_device
 
     if not Path(run_dir).is_dir():
         raise RunDirError(f"run directory {run_dir} does not exist; pass the --out directory of a finished training run")
