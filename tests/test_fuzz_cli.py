@@ -582,6 +582,17 @@ def test_overwrite_keeps_other_programs_files(tmp_path: Path, capsys) -> None:
     assert snapshot(d) == before
 
 
+@pytest.mark.parametrize("damage", ["corrupt-json", "not-utf8", "empty"])
+def test_overwrite_replaces_a_damaged_run(damage: str, unfinished_run: Path, capsys) -> None:
+    """The corrupt-config message advises --overwrite, so --overwrite must work on a damaged run of ours."""
+    content = {"corrupt-json": b"{not json", "not-utf8": b"\xff\xfe", "empty": b""}[damage]
+    (unfinished_run / "config.json").write_bytes(content)
+    code, _, err = run_main([*TRAIN, "--out", unfinished_run, "--overwrite"], capsys)
+    assert code == 0, err
+    assert json.loads((unfinished_run / "config.json").read_text())["train"]["model"] == "mlp"
+    assert (unfinished_run / "summary.json").exists()
+
+
 BAD_OUT: dict[str, list[str]] = {
     "empty": ["--out", ""],
     "empty-equals": ["--out="],

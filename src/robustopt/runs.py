@@ -310,12 +310,26 @@ def _same_file(fd: int, path: Path) -> bool:
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
+def _train_section(cfg: Any) -> dict[str, Any] | None:
+    """The ``train`` section of a parsed config.json, or None when robustopt did not write it."""
+    return cfg["train"] if isinstance(cfg, dict) and isinstance(cfg.get("train"), dict) else None
+
+
 def _saved_training_keys(out: Path) -> dict[str, Any]:
     """The ``train`` section of ``out/config.json``; a config.json that robustopt did not write is refused."""
-    cfg = read_json(out / CONFIG)
-    if not isinstance(cfg, dict) or not isinstance(cfg.get("train"), dict):
+    saved = _train_section(read_json(out / CONFIG))
+    if saved is None:
         raise RunDirError(f"{out / CONFIG} is not a robustopt run configuration; choose another --out (nothing was deleted)")
-    return cfg["train"]
+    return saved
+
+
+def _replaceable(out: Path) -> bool:
+    """Whether ``--overwrite`` may empty ``out``: its config.json is a robustopt run's, or is damaged beside run files."""
+    try:
+        cfg = read_json(out / CONFIG)
+    except RunDirError:  # corrupt JSON: a damaged run of ours when other run files sit beside it
+        return any((out / name).exists() for name in (MODEL, CHECKPOINT, METRICS, SUMMARY))
+    return _train_section(cfg) is not None
 
 
 def check_run_dir(out: Path, training_keys: dict[str, Any], *, resume: bool, overwrite: bool) -> bool:
@@ -328,9 +342,11 @@ def check_run_dir(out: Path, training_keys: dict[str, Any], *, resume: bool, ove
     check_out(out)
     if not (out / CONFIG).exists():
         return False
-    saved = _saved_training_keys(out)
     if overwrite:
+        if not _replaceable(out):
+            raise RunDirError(f"{out / CONFIG} is not a robustopt run configuration; choose another --out (nothing was deleted)")
         return False
+    saved = _saved_training_keys(out)
     if is_finished(out):
         raise RunDirError(f"{out} already holds a finished run; pass --overwrite to replace it or choose another --out")
     if not resume:
