@@ -9,15 +9,19 @@ are byte-identical: a bad invocation never destroys earlier results.
 from __future__ import annotations
 
 import gzip
+import importlib
 import importlib.util
 import json
 import os
 import re
+import resource
 import shutil
+import signal
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 
@@ -28,12 +32,15 @@ import torch
 from _datafiles import tiny_arrays, write_cifar_bin, write_idx, write_npz
 from robustopt import cli
 from robustopt.errors import CheckpointError, RobustoptError, RunDirError
-from robustopt.runs import load_model, save_tensors
+from robustopt.runs import load_model, load_tensors, read_metrics, save_tensors
 from robustopt.training.config import TrainConfig
 
 TRAIN = ["train", "--model", "mlp", "--subset", "300", "--epochs", "1", "--no-progress"]
+MODEL_FILE = "model.safetensors"
+HALF = [*TRAIN, "--epochs", "2", "--resume"]  # continues the ``half_run`` fixture
 RUN_CONFIG = {"model": "mlp", "subset": 300, "epochs": 1}  # what TRAIN means, as TrainConfig fields
 CUDA = torch.cuda.is_available()
+cli_app = importlib.import_module("robustopt.cli.app")  # the module (``robustopt.cli.app`` is the Typer object)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -103,7 +110,7 @@ def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, bytes]]:
+def pristine_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, bytes]]:
     """A real finished 1-epoch mlp run on 300 MNIST images, and a snapshot of its files."""
     from robustopt.training.loop import train
 
@@ -113,11 +120,33 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[s
 
 
 @pytest.fixture
+def finished_run(pristine_run: tuple[Path, dict[str, bytes]]) -> tuple[Path, dict[str, bytes]]:
+    """The finished run, restored from its snapshot before each test: one destructive case cannot spoil the next."""
+    run, files = pristine_run
+    if run.is_dir():
+        shutil.rmtree(run)
+    run.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        (run / name).write_bytes(data)
+    return run, files
+
+
+@pytest.fixture
 def unfinished_run(finished_run: tuple[Path, dict[str, bytes]], tmp_path: Path) -> Path:
     """A copy of the finished run whose summary is gone: ``--resume`` will read its checkpoint."""
     run = tmp_path / "unfinished"
     shutil.copytree(finished_run[0], run)
     (run / "summary.json").unlink()
+    return run
+
+
+@pytest.fixture
+def half_run(finished_run: tuple[Path, dict[str, bytes]], tmp_path: Path) -> Path:
+    """A 2-epoch run stopped after epoch 1: ``HALF`` resumes it and really trains epoch 2 from its checkpoint."""
+    run = tmp_path / "half"
+    shutil.copytree(finished_run[0], run)
+    (run / "summary.json").unlink()
+    _edit_json(run / "config.json", lambda c: c["train"].update(epochs=2))
     return run
 
 
@@ -179,6 +208,13 @@ BAD_FLAGS: dict[str, list[str]] = {
     "eps-above-l1-domain": ["--norm", "l1", "--eps", "800"],  # the l1 diameter is 784
     "eps-standardized-above-domain": ["--eps-units", "standardized", "--eps", "4"],  # 4·0.3081 > 1
     "fast-too-few-images": ["--method", "fast"],  # 300 images, 500 would be held out
+    "device-meta": ["--device", "meta"],
+    "device-xla": ["--device", "xla"],
+    "device-cpu-index": ["--device", "cpu:1"],
+    "device-uppercase": ["--device", "CUDA"],
+    "seed-too-large-for-rng": ["--seed", "99999999999999999999"],
+    "model-for-other-data": ["--model", "paper-cifar"],  # 32×32 net on MNIST: checked before anything is replaced
+    "out-empty-data-dir": ["--data-dir", ""],
 }
 if not CUDA:
     BAD_FLAGS["device-cuda-without-cuda"] = ["--device", "cuda"]
@@ -273,6 +309,26 @@ def _labels_idx(value: int) -> Callable[[dict[str, Path]], None]:
     return mutate
 
 
+def _replace(key: str, content: bytes) -> Callable[[dict[str, Path]], None]:
+    return lambda paths: paths[key].write_bytes(content)
+
+
+def _idx_header(*dims: int) -> bytes:
+    return bytes([0, 0, 8, len(dims)]) + b"".join(d.to_bytes(4, "big") for d in dims)
+
+
+def _lying_npz(path: Path, shape: tuple[int, ...]) -> None:
+    """A valid tiny npz whose x_train header then declares ``shape`` (the member's bytes stay the same)."""
+    arrays = tiny_arrays()
+    write_npz(path, arrays)
+    raw = path.read_bytes()
+    i = raw.index(repr(arrays["x_train"].shape).encode())
+    end = raw.index(b"\n", i)  # the header ends in spaces and a newline: keep its length
+    edited = raw[i:end].replace(repr(arrays["x_train"].shape).encode(), repr(shape).encode(), 1).rstrip(b" ")
+    assert len(edited) <= end - i
+    path.write_bytes(raw[:i] + edited.ljust(end - i) + raw[end:])
+
+
 rng = np.random.default_rng(1)
 nan_pixels = rng.random((30, 28, 28))
 nan_pixels[3, 4, 5] = np.nan
@@ -313,6 +369,20 @@ BAD_DATA: dict[str, tuple[str, Writer]] = {
         _cifar(lambda d: ((d / "data_batch_4.bin").unlink(), (d / "data_batch_4.bin").mkdir())),
     ),
     "cifar-missing": ("cifar10", lambda d: None),
+    "npz-is-npy": ("fashion-mnist", lambda d: np.save(open(d / "fashion-mnist.npz", "wb"), np.zeros((3, 28, 28), np.uint8))),
+    "npz-declares-1e9-images": ("fashion-mnist", lambda d: _lying_npz(d / "fashion-mnist.npz", (10**9, 28, 28))),
+    "npz-declares-negative-size": ("fashion-mnist", lambda d: _lying_npz(d / "fashion-mnist.npz", (-5, 28, 28))),
+    "npz-declares-overflowing-size": ("fashion-mnist", lambda d: _lying_npz(d / "fashion-mnist.npz", (2**40, 2**40, 2**40))),
+    "npz-is-a-directory": ("fashion-mnist", lambda d: (d / "fashion-mnist.npz").mkdir()),
+    "npz-label-bool": ("fashion-mnist", _npz("fashion-mnist", y_train=np.zeros(30, bool))),
+    "npz-complex-pixels": ("fashion-mnist", _npz("fashion-mnist", x_train=np.zeros((30, 28, 28), np.complex64))),
+    "npz-0d-images": ("fashion-mnist", _npz("fashion-mnist", x_test=np.array(3.0))),
+    "npz-structured-labels": ("fashion-mnist", _npz("fashion-mnist", y_test=np.zeros(20, [("a", "i4")]))),
+    "idx-dimension-overflow": ("fashion-mnist", _idx(_replace("y_train", _idx_header(*[2**32 - 1] * 4) + bytes(1024)), gz=False)),
+    "idx-dimension-overflow-gz": ("fashion-mnist", _idx(_replace("x_test", gzip.compress(_idx_header(*[2**32 - 1] * 4))))),
+    "idx-1e9-images": ("fashion-mnist", _idx(_replace("x_train", gzip.compress(_idx_header(10**9, 28, 28) + bytes(784))))),
+    "idx-zero-dimensions": ("fashion-mnist", _idx(_replace("y_test", _idx_header() + b"\x05"), gz=False)),
+    "idx-trailing-bytes": ("fashion-mnist", _idx(lambda p: p["y_test"].write_bytes(p["y_test"].read_bytes() + b"xx"), gz=False)),
 }
 
 
@@ -384,6 +454,26 @@ def _as_dir(p: Path) -> None:
     p.mkdir()
 
 
+def _edit_checkpoint(edit: Callable[[dict, dict], object]) -> Callable[[Path], None]:
+    """A hand edit that keeps the file well formed and its content hash valid (re-saved by robustopt's own writer)."""
+
+    def tamper(p: Path) -> None:
+        tensors, meta = load_tensors(p)
+        edit(meta, tensors)
+        save_tensors(p, tensors, meta)
+
+    return tamper
+
+
+def _huge_header(p: Path) -> None:
+    raw = p.read_bytes()
+    p.write_bytes((2**60).to_bytes(8, "little") + raw[8:])
+
+
+def _rename_key(tensors: dict, old: str, new: str) -> None:
+    tensors[new] = tensors.pop(old)
+
+
 BAD_CHECKPOINTS: dict[str, Callable[[Path], None]] = {
     "truncated": _truncate,
     "truncated-to-8-bytes": lambda p: _truncate(p, keep=8),
@@ -396,16 +486,59 @@ BAD_CHECKPOINTS: dict[str, Callable[[Path], None]] = {
     "no-content-hash": _no_hash,
     "not-a-training-checkpoint": _incomplete,
     "is-a-directory": _as_dir,
+    "header-length-2-to-the-60": _huge_header,
+    "edited-metadata-not-an-object": lambda p: save_tensors(p, load_tensors(p)[0], [1, 2]),  # type: ignore[arg-type]
+    "edited-progress-epoch-string": _edit_checkpoint(lambda m, t: m["progress"].update(epoch="one")),
+    "edited-progress-epoch-negative": _edit_checkpoint(lambda m, t: m["progress"].update(epoch=-3)),
+    "edited-progress-batch-past-epoch": _edit_checkpoint(lambda m, t: m["progress"].update(batch=10**6, seen=5.0)),
+    "edited-progress-seen-nan": _edit_checkpoint(lambda m, t: m["progress"].update(batch=1, seen=float("nan"))),
+    "edited-progress-unknown-field": _edit_checkpoint(lambda m, t: m["progress"].update(bogus=1)),
+    "edited-progress-not-an-object": _edit_checkpoint(lambda m, t: m.update(progress=[1])),
+    "edited-history-rows": _edit_checkpoint(lambda m, t: m["progress"].update(history=[1])),
+    "edited-history-seconds-string": _edit_checkpoint(lambda m, t: m["progress"]["history"][0].update(seconds="x")),
+    "edited-extra-stopped-string": _edit_checkpoint(lambda m, t: m["progress"].update(extra={"stopped": "yes"})),
+    "edited-momentum-string": _edit_checkpoint(lambda m, t: m["optimizer"]["param_groups"][0].update(momentum="x")),
+    "edited-lr-string": _edit_checkpoint(lambda m, t: m["optimizer"]["param_groups"][0].update(lr="fast")),
+    "edited-param-groups-empty": _edit_checkpoint(lambda m, t: m["optimizer"].update(param_groups=[])),
+    "edited-param-groups-params": _edit_checkpoint(lambda m, t: m["optimizer"]["param_groups"][0].update(params=[0, 99])),
+    "edited-optimizer-scalars-list": _edit_checkpoint(lambda m, t: m["optimizer"].update(scalars=[1])),
+    "edited-optimizer-scalar-string": _edit_checkpoint(lambda m, t: m["optimizer"].update(scalars={"0.step": "x"})),
+    "edited-optimizer-missing": _edit_checkpoint(lambda m, t: m.pop("optimizer")),
+    "edited-momentum-buffer-shape": _edit_checkpoint(lambda m, t: t.update({"optim.0.momentum_buffer": torch.zeros(3)})),
+    "edited-optimizer-unknown-param": _edit_checkpoint(lambda m, t: _rename_key(t, "optim.0.momentum_buffer", "optim.99.m")),
+    "edited-optimizer-state-bad-key": _edit_checkpoint(lambda m, t: _rename_key(t, "optim.0.momentum_buffer", "optim.x.m")),
+    "edited-rng-cpu-size": _edit_checkpoint(lambda m, t: t.update({"rng.cpu": torch.zeros(10, dtype=torch.uint8)})),
+    "edited-rng-attack-dtype": _edit_checkpoint(lambda m, t: t.update({"rng.attack": torch.zeros(5056)})),
+    "edited-rng-attack-missing": _edit_checkpoint(lambda m, t: t.pop("rng.attack")),
+    "edited-model-tensor-shape": _edit_checkpoint(lambda m, t: t.update({"model.net.1.weight": torch.zeros(3, 3)})),
+    "edited-model-extra-tensor": _edit_checkpoint(lambda m, t: t.update({"model.bogus": torch.zeros(3)})),
+    "edited-method-state-nan": _edit_checkpoint(lambda m, t: t.update({"method.free_delta": torch.full((2,), float("nan"))})),
+    "edited-method-best-shape": _edit_checkpoint(lambda m, t: t.update({"method.best.net.1.weight": torch.zeros(2)})),
 }
 
 
 @pytest.mark.parametrize("case", sorted(BAD_CHECKPOINTS))
-def test_resume_bad_checkpoint(case: str, unfinished_run: Path, capsys) -> None:
-    BAD_CHECKPOINTS[case](unfinished_run / "checkpoint.safetensors")
-    before = snapshot(unfinished_run)
-    line = assert_one_line_error(*run_main([*TRAIN, "--out", unfinished_run, "--resume"], capsys)[::2])
+def test_resume_bad_checkpoint(case: str, half_run: Path, capsys) -> None:
+    BAD_CHECKPOINTS[case](half_run / "checkpoint.safetensors")
+    before = snapshot(half_run)
+    line = assert_one_line_error(*run_main([*HALF, "--out", half_run], capsys)[::2])
     assert "checkpoint.safetensors" in line
-    assert snapshot(unfinished_run) == before
+    assert snapshot(half_run) == before
+
+
+def test_resume_good_checkpoint(half_run: Path, capsys) -> None:
+    """The control for the cases above: the untampered half run resumes, trains epoch 2 and finishes."""
+    code, _, err = run_main([*HALF, "--out", half_run], capsys)
+    assert code == 0, err
+    assert [r["epoch"] for r in read_metrics(half_run)] == [1, 2] and (half_run / "summary.json").exists()
+
+
+def test_state_dict_mismatch_names_the_keys(half_run: Path, capsys) -> None:
+    _edit_checkpoint(lambda m, t: t.update({"model.net.1.weight": torch.zeros(3, 3), "model.bogus": torch.zeros(1)}))(
+        half_run / "checkpoint.safetensors"
+    )
+    line = assert_one_line_error(*run_main([*HALF, "--out", half_run], capsys)[::2])
+    assert "net.1.weight (3, 3)" in line and "bogus" in line
 
 
 RUN_DIR_CONFLICTS: dict[str, tuple[list[str], Callable[[Path], None]]] = {
@@ -414,6 +547,10 @@ RUN_DIR_CONFLICTS: dict[str, tuple[list[str], Callable[[Path], None]]] = {
     "unfinished-without-resume": ([], lambda d: None),
     "resume-corrupt-config-json": (["--resume"], lambda d: (d / "config.json").write_text("{not json")),
     "resume-config-json-not-utf8": (["--resume"], lambda d: (d / "config.json").write_bytes(b"\xff\xfe\x00")),
+    "resume-config-json-a-list": (["--resume"], lambda d: (d / "config.json").write_text("[1, 2]")),
+    "resume-config-json-train-a-string": (["--resume"], lambda d: _edit_json(d / "config.json", lambda c: c.update(train="x"))),
+    "overwrite-config-json-not-a-run": (["--overwrite"], lambda d: (d / "config.json").write_text('{"name": "my notes"}')),
+    "resume-config-json-is-a-directory": (["--resume"], lambda d: ((d / "config.json").unlink(), (d / "config.json").mkdir())),
 }
 
 
@@ -433,11 +570,158 @@ def test_finished_run_is_kept(flags: list[str], finished_run: tuple[Path, dict[s
     check_untouched(finished_run)
 
 
+def test_overwrite_keeps_other_programs_files(tmp_path: Path, capsys) -> None:
+    """A directory whose config.json is not a robustopt run is never emptied, even with --overwrite."""
+    d = tmp_path / "project"
+    d.mkdir()
+    (d / "config.json").write_text('{"theirs": true}')
+    (d / "model.safetensors").write_bytes(b"their weights")
+    before = snapshot(d)
+    line = assert_one_line_error(*run_main([*TRAIN, "--out", d, "--overwrite"], capsys)[::2])
+    assert "not a robustopt run" in line
+    assert snapshot(d) == before
+
+
+@pytest.mark.parametrize("damage", ["corrupt-json", "not-utf8", "empty"])
+def test_overwrite_replaces_a_damaged_run(damage: str, unfinished_run: Path, capsys) -> None:
+    """The corrupt-config message advises --overwrite, so --overwrite must work on a damaged run of ours."""
+    content = {"corrupt-json": b"{not json", "not-utf8": b"\xff\xfe", "empty": b""}[damage]
+    (unfinished_run / "config.json").write_bytes(content)
+    code, _, err = run_main([*TRAIN, "--out", unfinished_run, "--overwrite"], capsys)
+    assert code == 0, err
+    assert json.loads((unfinished_run / "config.json").read_text())["train"]["model"] == "mlp"
+    assert (unfinished_run / "summary.json").exists()
+
+
+BAD_OUT: dict[str, list[str]] = {
+    "empty": ["--out", ""],
+    "empty-equals": ["--out="],
+    "blank": ["--out", "  "],
+    "under-a-file": ["--out", "notes.txt/run"],
+    "a-file": ["--out", "notes.txt"],
+}
+
+
+@pytest.mark.parametrize("overwrite", [False, True], ids=["keep", "overwrite"])
+@pytest.mark.parametrize("case", sorted(BAD_OUT))
+def test_bad_out(case: str, overwrite: bool, tmp_path: Path, capsys) -> None:
+    """``--out ""`` would train into (and with --overwrite delete from) the current directory."""
+    (tmp_path / "notes.txt").write_text("precious")
+    (tmp_path / "config.json").write_text("{}")  # the cwd (tmp_path) is no run: nothing here may change
+    before = snapshot(tmp_path)
+    argv = [*TRAIN, *BAD_OUT[case], *(["--overwrite"] if overwrite else [])]
+    assert_one_line_error(*run_main(argv, capsys)[::2], documented=case != "under-a-file")
+    assert snapshot(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "notes.txt"]
+
+
+def test_out_from_config_file_with_nul(tmp_path: Path, capsys) -> None:
+    (tmp_path / "cfg.toml").write_text('out = "a\\u0000b"\n')
+    assert_one_line_error(*run_main([*TRAIN, "--config", tmp_path / "cfg.toml"], capsys)[::2])
+
+
 def test_out_is_a_file(tmp_path: Path, capsys) -> None:
     target = tmp_path / "results.txt"
     target.write_text("precious")
     assert_one_line_error(*run_main([*TRAIN, "--out", target, "--overwrite"], capsys)[::2])
     assert target.read_text() == "precious"
+
+
+# ---------------------------------------------------------------- special files: a FIFO must not hang, /dev/zero not eat memory
+
+
+class Hung(BaseException):
+    """Not an Exception: the CLI's handlers must not turn a hang into an ordinary error line."""
+
+
+@contextmanager
+def guarded(seconds: int = 20, extra_bytes: int = 2 << 30) -> Iterator[None]:
+    """Fail (not hang, not exhaust the machine) if the code under test blocks or reads without bound.
+
+    SIGALRM interrupts a blocking open()/read() of a FIFO; a cap on the address space turns an
+    unbounded read of /dev/zero into a MemoryError. Neither fires when robustopt behaves.
+    """
+
+    def timeout(signum: int, frame: object) -> None:
+        raise Hung(f"blocked for {seconds} s")
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    in_use = int(Path("/proc/self/statm").read_text().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    previous = signal.signal(signal.SIGALRM, timeout)
+    resource.setrlimit(resource.RLIMIT_AS, (in_use + extra_bytes, hard))
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _fifo(path: Path) -> None:
+    if path.exists() or path.is_symlink():
+        path.unlink()
+    os.mkfifo(path)
+
+
+def _dev_zero(path: Path) -> None:
+    if path.exists() or path.is_symlink():
+        path.unlink()
+    path.symlink_to("/dev/zero")
+
+
+SPECIAL: dict[str, Callable[[Path], None]] = {"fifo": _fifo, "dev-zero": _dev_zero}
+EVALUATE = ["evaluate", "--eps", "0.1", "--attack", "fgsm", "--subset", "5", "--no-sanity", "--no-progress", "--device", "cpu"]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo") or not Path("/dev/zero").exists(), reason="POSIX special files")
+@pytest.mark.parametrize("special", sorted(SPECIAL))
+@pytest.mark.parametrize("target", ["model.safetensors", "config.json", "checkpoint.safetensors"])
+def test_special_run_files(target: str, special: str, half_run: Path, capsys) -> None:
+    """A run file replaced by a FIFO or a /dev/zero symlink: one line, exit 2, for evaluate and for --resume."""
+    SPECIAL[special](half_run / target)
+    readers = {"model.safetensors": ["evaluate"], "config.json": ["evaluate", "train"], "checkpoint.safetensors": ["train"]}
+    for argv in ([EVALUATE[0], half_run, *EVALUATE[1:]], [*HALF, "--out", half_run]):
+        if argv[0] not in readers[target]:
+            continue  # train --resume rewrites model.safetensors without reading it; evaluate ignores the checkpoint
+        with guarded():
+            code, _, err = run_main(argv, capsys)
+        line = assert_one_line_error(code, err)
+        assert code == 2 and target in line
+
+
+SPECIAL_DATA: dict[str, tuple[str, Callable[[Path], Path]]] = {
+    "npz": ("fashion-mnist", lambda d: d / "fashion-mnist.npz"),
+    "idx": ("fashion-mnist", lambda d: write_idx(d / "fashion-mnist", tiny_arrays(), gz=True)["x_test"]),
+    "cifar-bin": ("cifar10", lambda d: write_cifar_bin(d / "cifar-10-batches-bin", tiny_arrays((32, 32, 3))) / "test_batch.bin"),
+}
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo") or not Path("/dev/zero").exists(), reason="POSIX special files")
+@pytest.mark.parametrize("special", sorted(SPECIAL))
+@pytest.mark.parametrize("fmt", sorted(SPECIAL_DATA))
+def test_special_dataset_files(fmt: str, special: str, tmp_path: Path, finished_run: tuple[Path, dict], capsys) -> None:
+    dataset, make = SPECIAL_DATA[fmt]
+    SPECIAL[special](make(tmp_path))
+    argv = [*TRAIN, "--dataset", dataset, "--data-dir", tmp_path, "--out", finished_run[0], "--overwrite"]
+    with guarded():
+        code, _, err = run_main(argv, capsys)
+    assert_one_line_error(code, err)
+    assert code == 2
+    check_untouched(finished_run)
+
+
+def test_config_file_dev_zero(finished_run: tuple[Path, dict[str, bytes]], capsys) -> None:
+    with guarded():
+        code, _, err = run_main([*TRAIN, "--config", "/dev/zero", "--out", finished_run[0], "--overwrite"], capsys)
+    assert "dev/zero" in assert_one_line_error(code, err)
+    check_untouched(finished_run)
+
+
+@pytest.mark.parametrize("device", ["meta", "xla", "cpu:1", "cuda:-1"])
+def test_evaluate_bad_device(device: str, finished_run: tuple[Path, dict[str, bytes]], capsys) -> None:
+    argv = [EVALUATE[0], finished_run[0], *EVALUATE[1:], "--device", device]
+    assert "--device" in assert_one_line_error(*run_main(argv, capsys)[::2])
+    check_untouched(finished_run)
 
 
 # ---------------------------------------------------------------- bad config files
@@ -463,6 +747,9 @@ BAD_TOML: dict[str, str | bytes] = {
     "invalid-toml": "eps = = 3\n",
     "unterminated-string": 'model = "mlp\n',
     "binary-garbage": b"\xff\xfe\x00\x81garbage",
+    "duplicate-key-dash-underscore": "batch_size = 10\nbatch-size = 20\n",
+    "duplicate-key-out": 'out = "a"\n"out" = "b"\n',
+    "larger-than-1-mib": "# " + "x" * (1 << 20) + "\n",
 }
 
 
@@ -512,7 +799,25 @@ BAD_MODEL_DIRS: dict[str, tuple[type[RobustoptError], Callable[[Path], None]]] =
     "config-wrong-type": (RunDirError, lambda d: _edit_json(d / "config.json", lambda c: c.update(input_shape=7))),
     "config-not-an-object": (RunDirError, lambda d: (d / "config.json").write_text("[1, 2]")),
     "dir-missing": (RunDirError, lambda d: shutil.rmtree(d)),
+    "config-huge-num-classes": (RunDirError, lambda d: _set_config(d, num_classes=10**12)),
+    "config-num-classes-string": (RunDirError, lambda d: _set_config(d, num_classes="10")),
+    "config-num-classes-zero": (RunDirError, lambda d: _set_config(d, num_classes=0)),
+    "config-huge-input-shape": (RunDirError, lambda d: _set_config(d, input_shape=[1, 10**6, 10**6])),
+    "config-std-zero": (RunDirError, lambda d: _set_config(d, normalization={"mean": [0.1], "std": [0.0]})),
+    "config-mean-wrong-length": (RunDirError, lambda d: _set_config(d, normalization={"mean": [0, 1], "std": [1]})),
+    "model-header-lies": (CheckpointError, lambda d: _huge_header(d / "model.safetensors")),
+    "model-is-a-directory": (RobustoptError, lambda d: _as_dir(d / "model.safetensors")),
+    "model-metadata-not-an-object": (CheckpointError, lambda d: save_tensors(d / MODEL_FILE, {"w": torch.zeros(1)}, [1])),
+    "model-shapes": (CheckpointError, lambda d: _edit_checkpoint(_set_tensor("net.1.bias", torch.zeros(2)))(d / MODEL_FILE)),
 }
+
+
+def _set_config(run: Path, **changes: object) -> None:
+    _edit_json(run / "config.json", lambda c: c.update(changes))
+
+
+def _set_tensor(name: str, value: torch.Tensor) -> Callable[[dict, dict], None]:
+    return lambda meta, tensors: tensors.update({name: value})
 
 
 def _edit_json(path: Path, edit: Callable[[dict], object]) -> None:
@@ -543,7 +848,7 @@ def test_unexpected_exception_is_one_line_internal_error(monkeypatch: pytest.Mon
     def boom(**kwargs: object) -> None:
         raise RuntimeError("something broke\nsecond line")
 
-    monkeypatch.setattr(cli, "app", boom)
+    monkeypatch.setattr(cli_app, "app", boom)
     code, _, err = run_main(["train"], capsys)
     assert code == 1 and "Traceback" not in err
     lines = err.strip().splitlines()
@@ -554,7 +859,7 @@ def test_os_error_is_one_line(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     def full(**kwargs: object) -> None:
         raise OSError(28, "No space left on device", "/runs/x/checkpoint.safetensors")
 
-    monkeypatch.setattr(cli, "app", full)
+    monkeypatch.setattr(cli_app, "app", full)
     line = assert_one_line_error(*run_main(["train"], capsys)[::2], documented=False)
     assert "No space left on device" in line
 
@@ -571,13 +876,15 @@ SUBPROCESS_CASES: dict[str, list[str]] = {
 
 
 @pytest.fixture(scope="module")
-def subprocess_results(tmp_path_factory: pytest.TempPathFactory, finished_run: tuple[Path, dict[str, bytes]]) -> dict:
+def subprocess_results(tmp_path_factory: pytest.TempPathFactory, pristine_run: tuple[Path, dict[str, bytes]]) -> dict:
     """Run every subprocess case (and one with --debug) concurrently; {case: CompletedProcess}."""
     tmp = tmp_path_factory.mktemp("subprocess")
     _truncated_npz(tmp)
     run = tmp / "run"
-    shutil.copytree(finished_run[0], run)
-    (run / "summary.json").unlink()
+    run.mkdir()
+    for name, data in pristine_run[1].items():
+        if name != "summary.json":
+            (run / name).write_bytes(data)
     _flip(1)(run / "checkpoint.safetensors")
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp / "cache"), "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     env.pop("ROBUSTOPT_DATA", None)
@@ -612,4 +919,4 @@ def test_error_list_is_complete_and_one_line() -> None:
     assert len(messages) >= 50
     assert {"ConfigError", "DataError", "CheckpointError", "RunDirError"} <= {m.kind for m in messages}
     assert all(m.text.strip() and "\n" not in m.text for m in messages), [m for m in messages if "\n" in m.text]
-    assert "## `threat.py`" in module.markdown(messages)  # ThreatModel.check_fits: eps larger than the domain
+    assert "## `threat/model.py`" in module.markdown(messages)  # ThreatModel.check_fits: eps larger than the domain

@@ -10,13 +10,16 @@ from __future__ import annotations
 import importlib
 import os
 import pkgutil
+import signal
 import sys
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import typer
 
 from robustopt.cli import commands
-from robustopt.errors import RobustoptError
+from robustopt.errors import ConfigError, RobustoptError
 
 app = typer.Typer(
     name="robustopt",
@@ -43,12 +46,47 @@ def _one_line(message: str) -> str:
     return " ".join(part.strip() for part in message.strip().splitlines() if part.strip())
 
 
+class Interrupted(BaseException):
+    """Ctrl-C. Not a KeyboardInterrupt: typer turns those into a silent exit 130 before :func:`main` sees them."""
+
+
+@contextmanager
+def _ctrl_c_raises_interrupted() -> Iterator[None]:
+    """While the app runs, SIGINT raises :class:`Interrupted` (only the main thread may set handlers)."""
+    def handler(signum: int, frame: object) -> None:
+        raise Interrupted
+
+    try:
+        previous = signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+PATH_OPTIONS = ("--out", "--data-dir", "--config", "--partial", "--source", "--dest", "--compare")
+
+
+def check_path_options(args: list[str]) -> None:
+    """Refuse an empty path option: click turns ``--out ""`` into ``.``, the current directory."""
+    for i, arg in enumerate(args):
+        name, eq, value = arg.partition("=")
+        given = value if eq else args[i + 1] if i + 1 < len(args) else None
+        if name in PATH_OPTIONS and given is not None and not given.strip():
+            raise ConfigError(f"{name} is empty; give it a path (an empty path would mean the current directory)")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, mapping every failure to a one-line message and exit code."""
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args or os.environ.get("ROBUSTOPT_DEBUG") == "1"
     try:
-        app(args=args, prog_name="robustopt")  # usage errors: click prints usage and exits 2
+        check_path_options(args)
+        with _ctrl_c_raises_interrupted():
+            app(args=args, prog_name="robustopt")  # usage errors: click prints usage and exits 2
     except RobustoptError as e:
         if debug:
             traceback.print_exc()
@@ -60,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
         where = f": {e.filename}" if e.filename else ""
         print(f"robustopt: error: {_one_line(e.strerror or str(e))}{where}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Interrupted):
         print("robustopt: interrupted; finished epochs and checkpoints are kept (use --resume)", file=sys.stderr)
         sys.exit(130)
     except Exception as e:  # noqa: BLE001 - the last line of defence: never a bare traceback

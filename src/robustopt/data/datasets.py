@@ -16,8 +16,10 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import hashlib
+import math
 import os
 import zipfile
+import zlib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -25,7 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from robustopt.errors import DataError
+from robustopt.errors import DataError, RobustoptError
+from robustopt.files import MAX_DEFLATE_RATIO, check_declared_size, open_regular
 
 MNIST_SHA256 = "06af5dfe73b70e3bc1c36439982b18a8d76803db9b544f6fdf838a37fbb01b64"
 
@@ -128,37 +131,91 @@ def bundled_mnist_path() -> Path:
 # ---------------------------------------------------------------- file formats
 
 
+NPY_MAGIC = b"\x93NUMPY"
+
+
 def read_npz(path: Path) -> dict[str, np.ndarray]:
-    """The four arrays of a dataset ``.npz``; never unpickles."""
+    """The four arrays of a dataset ``.npz``; never unpickles, never allocates more than the file can hold.
+
+    The archive is read member by member: each ``.npy`` header's shape × itemsize must match the
+    bytes the member really holds (and fit in memory) before they are read, so a header declaring
+    10⁹ images is an error, not an allocation. Arrays of Python objects are refused (they need pickle).
+    """
     try:
-        with np.load(path, allow_pickle=False) as z:
-            missing = [k for k in IDX_NAMES if k not in z.files]
-            if missing:
-                raise DataError(f"{path}: missing arrays {', '.join(missing)} (need x_train, y_train, x_test, y_test)")
-            return {k: z[k] for k in IDX_NAMES}
-    except DataError:
-        raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as e:
-        raise DataError(f"{path}: not a readable .npz dataset ({type(e).__name__}: {e}); re-create or re-download it") from e
+        f, _ = open_regular(path)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read this .npz dataset ({e.strerror or e})") from None
+    with f:
+        if f.read(6) == NPY_MAGIC:
+            raise DataError(f"{path} is a single .npy array, not an .npz of x_train, y_train, x_test, y_test (numpy.savez)")
+        f.seek(0)
+        try:
+            with zipfile.ZipFile(f) as z:
+                members = {name.removesuffix(".npy"): name for name in z.namelist()}
+                missing = [k for k in IDX_NAMES if k not in members]
+                if missing:
+                    raise DataError(f"{path}: missing arrays {', '.join(missing)} (need x_train, y_train, x_test, y_test)")
+                return {k: _read_member(z, members[k], path) for k in IDX_NAMES}
+        except RobustoptError:
+            raise
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError) as e:
+            raise DataError(f"{path}: not a readable .npz dataset ({type(e).__name__}: {e}); re-create or download it") from None
+
+
+def _read_member(z: zipfile.ZipFile, name: str, path: Path) -> np.ndarray:
+    """One ``.npy`` member of an open archive, its header checked against the member's real size first."""
+    info = z.getinfo(name)
+    if info.compress_type != zipfile.ZIP_STORED and info.file_size > MAX_DEFLATE_RATIO * info.compress_size + 4096:
+        raise DataError(f"{path}: member {name} claims {info.file_size} bytes from {info.compress_size} compressed; corrupt")
+    with z.open(info) as m:
+        version = np.lib.format.read_magic(m)
+        if version not in ((1, 0), (2, 0)):
+            raise DataError(f"{path}: member {name} uses .npy format version {version}; re-save it with numpy.savez")
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(m)
+        if any(d < 0 for d in shape):
+            raise DataError(f"{path}: array {name} declares a negative dimension {shape}; the file is corrupt")
+        if dtype.hasobject:
+            raise DataError(f"{path}: array {name} holds Python objects, which need pickle; robustopt never unpickles")
+        nbytes = math.prod(shape) * dtype.itemsize
+        check_declared_size(path, nbytes, info.file_size - m.tell(), f"array {name} of shape {shape}")
+        data = m.read(nbytes)
+    if len(data) != nbytes:
+        raise DataError(f"{path}: array {name} is truncated ({len(data)} of {nbytes} bytes)")
+    return np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran else "C")
 
 
 def read_idx(path: Path) -> np.ndarray:
-    """An IDX file (raw or gzip), as used by MNIST and Fashion-MNIST."""
+    """An IDX file (raw or gzip), as used by MNIST and Fashion-MNIST.
+
+    Layout: ``00 00 08 ndim``, ndim big-endian uint32 dimensions, then the bytes. The data size the
+    header declares is checked against what the file can hold before it is read.
+    """
     try:
-        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
-        raise DataError(f"{path}: cannot read IDX file ({e}); re-download it") from e
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise DataError(f"{path}: not an unsigned-byte IDX file (bad magic number)")
-    ndim = raw[3]
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise DataError(f"{path}: truncated IDX header")
-    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    size = int(np.prod(dims))
-    if len(raw) != header + size:
-        raise DataError(f"{path}: IDX file has {len(raw) - header} data bytes, header says {size}; it is truncated or corrupt")
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+        f, size = open_regular(path)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read IDX file ({e.strerror or e}); re-download it") from None
+    gz = path.suffix == ".gz"
+    with f:
+        try:
+            stream = gzip.GzipFile(fileobj=f) if gz else f
+            magic = stream.read(4)
+            if len(magic) < 4 or magic[:3] != b"\x00\x00\x08":
+                raise DataError(f"{path}: not an unsigned-byte IDX file (bad magic number)")
+            raw_dims = stream.read(4 * magic[3])
+            if len(raw_dims) < 4 * magic[3]:
+                raise DataError(f"{path}: truncated IDX header")
+            dims = [int.from_bytes(raw_dims[i : i + 4], "big") for i in range(0, len(raw_dims), 4)]
+            count, header = math.prod(dims), 4 + len(raw_dims)
+            check_declared_size(path, count, (MAX_DEFLATE_RATIO * size if gz else size) - header, f"IDX dimensions {dims}")
+            data = stream.read(count)
+            extra = stream.read(1)
+        except (OSError, EOFError, zlib.error) as e:
+            raise DataError(f"{path}: cannot read IDX file ({e}); re-download it") from None
+    if len(data) != count or extra:
+        held = f"{len(data)}{'+' if extra else ''}"
+        raise DataError(f"{path}: IDX file has {held} data bytes, header says {count}; it is truncated or corrupt")
+    return np.frombuffer(data, dtype=np.uint8).reshape(dims)
 
 
 def read_cifar_bin(paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
@@ -166,12 +223,14 @@ def read_cifar_bin(paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
     chunks = []
     for p in paths:
         try:
-            raw = np.fromfile(p, dtype=np.uint8)
+            f, size = open_regular(p)
         except OSError as e:
             raise DataError(f"{p}: cannot read this CIFAR-10 batch ({e.strerror}); run `robustopt download cifar10`") from None
-        if raw.size == 0 or raw.size % 3073:
-            raise DataError(f"{p}: size {raw.size} is not a multiple of 3073 bytes; the file is truncated or corrupt")
-        chunks.append(raw.reshape(-1, 3073))
+        with f:
+            if size == 0 or size % 3073:
+                raise DataError(f"{p}: size {size} is not a multiple of 3073 bytes; the file is truncated or corrupt")
+            check_declared_size(p, size, size, "this CIFAR-10 batch")
+            chunks.append(np.frombuffer(f.read(size), dtype=np.uint8).reshape(-1, 3073))
     rec = np.concatenate(chunks)
     return rec[:, 1:].reshape(-1, 3, 32, 32), rec[:, 0]
 
@@ -223,7 +282,7 @@ def _locate(name: str, data_dir: str | Path | None) -> dict[str, np.ndarray] | N
         npz = d / f"{name.replace('-', '_')}.npz"
         npz_dash = d / f"{name}.npz"
         for cand in (npz_dash, npz):
-            if cand.is_file():
+            if cand.exists():  # not is_file(): a FIFO or device by that name is an error, not silently skipped
                 return read_npz(cand)
         sub = d / name
         if name == "cifar100":

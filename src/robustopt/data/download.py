@@ -8,6 +8,7 @@ refuses absolute paths, links out of the tree and special files.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import shutil
 import tarfile
 import tempfile
@@ -72,15 +73,18 @@ def fetch(remote: Remote, dest_dir: Path, timeout: float = 60.0) -> Path:
     """Download one file and verify its MD5 before it gets its final name."""
     dest_dir.mkdir(parents=True, exist_ok=True)
     target = dest_dir / remote.filename
-    if target.exists() and md5_file(target) == remote.md5:
+    if target.is_file() and md5_file(target) == remote.md5:  # is_file: never hash a FIFO or a device
         return target
     with tempfile.NamedTemporaryFile(dir=dest_dir, prefix=f".{remote.filename}.", delete=False) as tmp:
         try:
             with urllib.request.urlopen(remote.url, timeout=timeout) as resp:  # noqa: S310 - fixed https URLs
                 shutil.copyfileobj(resp, tmp)
-        except (urllib.error.URLError, OSError, ValueError) as e:
+        except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
             Path(tmp.name).unlink(missing_ok=True)
             raise DataError(f"could not download {remote.url}: {e}") from None
+        except BaseException:  # Ctrl-C: no partial file is left behind
+            Path(tmp.name).unlink(missing_ok=True)
+            raise
     got = md5_file(Path(tmp.name))
     if got != remote.md5:
         Path(tmp.name).unlink(missing_ok=True)
@@ -95,6 +99,8 @@ def download(name: str, dest: Path | None = None, sources: dict[str, list[Remote
     if name not in table:
         raise DataError(f"unknown dataset {name!r}: downloadable ones are {', '.join(table)}")
     root = dest or cache_dir()
+    if root.exists() and not root.is_dir():
+        raise DataError(f"--dest {root} is a file, not a directory; choose another --dest")
     target = root / name
     paths = [fetch(r, target) for r in table[name]]
     for p in paths:

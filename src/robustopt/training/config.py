@@ -237,15 +237,29 @@ CONFIG_KEYS = {f.name for f in fields(TrainConfig)}
 
 
 def read_toml(path: str | Path, allowed: set[str]) -> dict[str, Any]:
-    """Read a TOML file of options; keys may use dashes or underscores."""
+    """Read a TOML file of options; keys may use dashes or underscores, but not both for one key.
+
+    Reads at most 1 MiB: a pipe such as ``--config <(...)`` works, ``/dev/zero`` is an error.
+    """
     p = Path(path)
+    limit = 1 << 20
     try:
-        raw = tomllib.loads(p.read_text())
+        with open(p, "rb") as f:
+            data = f.read(limit + 1)
+        if len(data) > limit:
+            raise ConfigError(f"config file {p} is larger than {limit} bytes; is it the right file?")
+        raw = tomllib.loads(data.decode())
     except FileNotFoundError:
         raise ConfigError(f"config file {p} not found") from None
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
         raise ConfigError(f"config file {p} is not valid TOML: {e}") from None
-    out = {k.replace("-", "_"): v for k, v in raw.items()}
+    out: dict[str, Any] = {}
+    spelled: dict[str, str] = {}
+    for key, value in raw.items():
+        name = key.replace("-", "_")
+        if name in out:
+            raise ConfigError(f"config file {p}: {spelled[name]!r} and {key!r} are the same option; keep one")
+        out[name], spelled[name] = value, key
     unknown = sorted(set(out) - allowed)
     if unknown:
         raise ConfigError(f"config file {p}: unknown keys {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")

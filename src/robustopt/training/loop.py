@@ -10,6 +10,7 @@ exact resume and DDP.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -25,10 +26,25 @@ from torch import nn
 from robustopt import __version__
 from robustopt.data.augment import augment_batch, default_augment
 from robustopt.data.datasets import Dataset, load_dataset, to_float
-from robustopt.errors import ConfigError, RunDirError
+from robustopt.devices import pick_device
+from robustopt.errors import ConfigError
 from robustopt.models.factory import build_from_spec, is_factory_spec
 from robustopt.models.zoo import build_model
-from robustopt.runs import CHECKPOINT, CONFIG, MODEL, SUMMARY, is_finished, read_json, save_model, write_json, write_metrics
+from robustopt.runs import (
+    BEST,
+    CHECKPOINT,
+    CONFIG,
+    MODEL,
+    SUMMARY,
+    RunLock,
+    check_out,
+    check_run_dir,
+    clean_stray_tmp,
+    replace_run,
+    save_model,
+    write_json,
+    write_metrics,
+)
 from robustopt.threat.model import ThreatModel
 from robustopt.threat.perturb import perturb
 from robustopt.training import distributed as dist
@@ -48,29 +64,7 @@ from robustopt.training.monitor import Board, Log, epoch_line, make_bar, want_ba
 from robustopt.training.objectives import StepContext, make_objective, train_step
 from robustopt.training.schedules import build_optimizer, check_optimizer, lr_factor, set_scheduled_lr
 
-BEST = "best.safetensors"
 GUARD_N = 500  # held-out training examples of the fast-training guard (Wong et al.)
-
-
-def pick_device(name: str | None = None) -> torch.device:
-    """``auto`` (or None) picks CUDA, then MPS, then CPU."""
-    if name in (None, "", "auto"):
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise ConfigError(f"--device {name} cannot train or evaluate; use auto, cpu, cuda, cuda:N or mps")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for but CUDA is not available; use --device cpu")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("--device mps was asked for but MPS is not available; use --device cpu")
-    return device
 
 
 @torch.no_grad()
@@ -195,16 +189,24 @@ def fit(
         The summary (also ``out/summary.json``): epochs, final test accuracy, best PGD accuracy, seconds.
     """
     cfg, threat = _resolve(config, method, threat, epochs, options)
+    dist_was_up = (
+        torch.distributed.is_available() and torch.distributed.is_initialized()
+    )  # a group the caller made is the caller's to destroy
     run = _prepare(model, train_data, test_data, cfg, threat, out, optimizer, scheduler, scheduler_interval, device, meta or {})
     run.log, run.bar = log, want_bar(progress_bar, run.info.is_main)
-    _open_run_dir(run, resume=resume, overwrite=overwrite)
-    try:
-        while run.prog.epoch < cfg.epochs and not run.prog.extra.get("stopped"):
-            _train_epoch(run)
-    finally:
-        if run.board is not None:
-            run.board.close()
-    return _finish(run)
+    created_group = run.info.enabled and not dist_was_up
+    with RunLock(run.out) if run.info.is_main else contextlib.nullcontext():  # one writer per run directory
+        _open_run_dir(run, resume=resume, overwrite=overwrite)
+        try:
+            while run.prog.epoch < run.cfg.epochs and not run.prog.extra.get("stopped"):
+                _train_epoch(run)
+        finally:
+            if run.board is not None:
+                run.board.close()
+        summary = _finish(run)
+    if created_group:  # a gloo group alive at interpreter exit can abort a rank (SIGABRT)
+        dist.teardown()
+    return summary
 
 
 def _resolve(
@@ -247,7 +249,7 @@ def _prepare(
     """Validate model, data, optimiser and options, and build the step. Writes nothing."""
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    out = _check_out(out)
+    out = check_out(out)
     info, dev = _devices(cfg, device)
     train_src, test_src = (
         as_source(train_data, "train_data"),
@@ -278,15 +280,6 @@ def _prepare(
     return Run(
         cfg, out, info, dev, model, ctx, train_src, test_src, held, meta, augment, scheduler, scheduler_interval, board=board
     )
-
-
-def _check_out(out: str | Path) -> Path:
-    if out is None or str(out).strip() == "":
-        raise RunDirError("--out must name a run directory, got an empty path")
-    path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise RunDirError(f"--out {path} is a file, not a run directory; choose another --out")
-    return path
 
 
 def _devices(cfg: TrainConfig, device: str | None) -> tuple[dist.DistInfo, torch.device]:
@@ -406,41 +399,22 @@ def _metadata(
 
 
 def _open_run_dir(run: Run, *, resume: bool, overwrite: bool) -> None:
-    """After every check has passed: replace, resume or start the run directory."""
-    do_resume = prepare_run_dir(run.out, run.cfg, resume=resume, overwrite=overwrite) if run.info.is_main else resume
-    do_resume = do_resume and (run.out / CHECKPOINT).exists()
-    if do_resume:
+    """After every check has passed, holding the run's lock: replace, resume or start the run directory."""
+    if run.info.is_main:
+        do_resume = check_run_dir(run.out, run.cfg.training_keys(), resume=resume, overwrite=overwrite)
+        replace_run(run.out) if overwrite else clean_stray_tmp(run.out)
+    else:
+        do_resume = resume
+    if do_resume and (run.out / CHECKPOINT).exists():
+        iters = num_batches(len(run.train), run.cfg.batch_size, run.info)
         run.prog, run.ctx.state, _ = load_checkpoint(
-            run.out / CHECKPOINT, run.model, run.ctx.optimizer, run.ctx.generator, run.device
-        )
+            run.out / CHECKPOINT, run.model, run.ctx.optimizer, run.ctx.generator, run.device, epochs=run.cfg.epochs,
+            batches_per_epoch=iters,
+        )  # fmt: skip
         _replay_scheduler(run)
         run.log(f"resuming {run.out} at epoch {run.prog.epoch + 1}, batch {run.prog.batch}")
     if run.info.is_main:
         write_json(run.out / CONFIG, run.meta)
-
-
-def prepare_run_dir(out: Path, cfg: TrainConfig, *, resume: bool, overwrite: bool) -> bool:
-    """Check ``out`` against the request. Returns True when a checkpoint should be resumed."""
-    if out.exists() and not out.is_dir():
-        raise RunDirError(f"--out {out} is a file, not a run directory; choose another --out")
-    if overwrite:
-        for name in (CONFIG, MODEL, CHECKPOINT, SUMMARY, BEST, "metrics.jsonl"):
-            (out / name).unlink(missing_ok=True)
-        return False
-    if not (out / CONFIG).exists():
-        return False
-    if is_finished(out):
-        raise RunDirError(f"{out} already holds a finished run; pass --overwrite to replace it or choose another --out")
-    if not resume:
-        raise RunDirError(f"{out} already holds an unfinished run; pass --resume to continue it or --overwrite to restart")
-    saved = read_json(out / CONFIG).get("train", {})
-    wanted = cfg.training_keys()
-    diff = sorted(k for k in wanted if k in saved and saved[k] != wanted[k] or k not in saved)
-    if diff:
-        raise RunDirError(
-            f"{out} holds a run with a different configuration ({', '.join(diff)}); use another --out or --overwrite"
-        )
-    return (out / CHECKPOINT).exists()
 
 
 def _replay_scheduler(run: Run) -> None:

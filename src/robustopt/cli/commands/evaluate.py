@@ -13,10 +13,10 @@ import typer
 def _load(run_dir: Path, device: str | None, subset: int | None, data_dir: Path | None):
     """(model, x float (N, C, H, W), y (N,), device, config) for a run's first ``subset`` test images."""
     from robustopt.data.datasets import load_dataset
+    from robustopt.devices import pick_device
     from robustopt.errors import RunDirError
     from robustopt.pretrained import resolve_run
     from robustopt.runs import CONFIG, load_model, read_json
-    from robustopt.training.loop import pick_device
 
     run_dir = resolve_run(run_dir)  # pretrained:NAME is a model shipped with robustopt
     if not Path(run_dir).is_dir():

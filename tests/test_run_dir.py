@@ -1,0 +1,170 @@
+"""A run directory is a transaction: one writer at a time (an OS lock), checks before any deletion,
+stray temporaries cleaned on --resume / --overwrite, and Ctrl-C reported with the way to continue.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from robustopt import cli
+from robustopt.errors import RunDirError
+from robustopt.runs import LOCK, RunLock, check_run_dir, load_model, load_tensors, read_metrics, stray_tmp_files
+
+TRAIN = ["train", "--model", "mlp", "--subset", "300", "--epochs", "1", "--no-progress"]
+cli_app = importlib.import_module("robustopt.cli.app")
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _env(tmp: Path) -> dict[str, str]:
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp / "cache"), "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    for key in ("ROBUSTOPT_DATA", "ROBUSTOPT_DEBUG"):
+        env.pop(key, None)
+    return env
+
+
+def run_main(argv: list, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as info:
+        cli.main([str(a) for a in argv])
+    code = info.value.code
+    return (0 if code is None else code), capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the lock
+
+
+def test_lock_refuses_a_second_holder_and_names_the_first(tmp_path: Path) -> None:
+    with RunLock(tmp_path / "run"):
+        assert (tmp_path / "run" / LOCK).read_text().strip() == str(os.getpid())
+        with pytest.raises(RunDirError, match=rf"another robustopt process is writing .*run \(pid {os.getpid()}\)"):
+            RunLock(tmp_path / "run").acquire()
+    assert not (tmp_path / "run" / LOCK).exists()  # released: the run directory holds only run files
+    with RunLock(tmp_path / "run"):  # and it can be taken again
+        pass
+
+
+def test_stale_lock_file_of_a_dead_process_is_no_obstacle(tmp_path: Path) -> None:
+    """SIGKILL leaves the .lock file behind, but the kernel has dropped the lock with the process."""
+    (tmp_path / LOCK).write_text("999999\n")
+    with RunLock(tmp_path):
+        assert (tmp_path / LOCK).read_text().strip() == str(os.getpid())
+
+
+def test_train_refused_while_another_writer_holds_the_run(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    with RunLock(out):
+        code, err = run_main([*TRAIN, "--out", out], capsys)
+    assert code == 2 and "another robustopt process is writing" in err and "Traceback" not in err
+    assert sorted(p.name for p in out.iterdir()) == []  # the refused writer wrote nothing
+
+
+def test_two_writers_one_out(tmp_path: Path) -> None:
+    """Two ``train`` processes started together into one new --out: exactly one is refused, the other's run is whole."""
+    out, env = tmp_path / "run", _env(tmp_path)
+    args = [*TRAIN, "--subset", "2000", "--epochs", "2", "--out", str(out)]
+    cmd = [sys.executable, "-m", "robustopt", *args]
+    procs = [subprocess.Popen([*cmd, "--seed", str(seed)], stderr=subprocess.PIPE, text=True, env=env) for seed in (1, 2)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    codes = sorted(code for code, _ in results)
+    assert codes == [0, 2], results
+    survivor_seed = 1 if results[0][0] == 0 else 2
+    refused = next(err for code, err in results if code == 2)
+    assert "another robustopt process is writing" in refused or "already holds" in refused, refused
+    # The survivor's run is whole and all of it is the survivor's: config, metrics, checkpoint and weights.
+    assert sorted(p.name for p in out.iterdir()) == [
+        "checkpoint.safetensors",
+        "config.json",
+        "metrics.jsonl",
+        "model.safetensors",
+        "summary.json",
+    ]
+    assert json.loads((out / "config.json").read_text())["train"]["seed"] == survivor_seed
+    assert [r["epoch"] for r in read_metrics(out)] == [1, 2]
+    _, meta = load_tensors(out / "checkpoint.safetensors")
+    assert meta["progress"]["epoch"] == 2 and meta["config"]["seed"] == survivor_seed
+    load_model(out)
+
+
+# ---------------------------------------------------------------- checks before deletion
+
+
+def test_check_run_dir_is_pure(tmp_path: Path) -> None:
+    """The check deletes nothing, whatever it is asked: overwrite only says 'do not resume'."""
+    (tmp_path / "config.json").write_text(json.dumps({"train": {"seed": 0}}))
+    (tmp_path / "summary.json").write_text("{}")
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert check_run_dir(tmp_path, {"seed": 0}, resume=False, overwrite=True) is False
+    with pytest.raises(RunDirError, match="finished run"):
+        check_run_dir(tmp_path, {"seed": 0}, resume=True, overwrite=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == files
+
+
+@pytest.mark.parametrize("flag", ["--resume", "--overwrite"])
+def test_stray_tmp_files_are_cleaned(flag: str, tmp_path: Path, capsys) -> None:
+    """A kill during an atomic write leaves ``.<name>.<random>.tmp``; --resume and --overwrite remove it."""
+    out = tmp_path / "run"
+    assert run_main([*TRAIN, "--out", out], capsys)[0] == 0
+    (out / "summary.json").unlink()  # unfinished, so that --resume is allowed
+    stray = [out / ".checkpoint.safetensors.k3j2.tmp", out / ".model.safetensors.x9.tmp"]
+    for p in stray:
+        p.write_bytes(b"half a write")
+    (out / "notes.tmp").write_text("not ours")
+    assert stray_tmp_files(out) == sorted(stray)
+    code, err = run_main([*TRAIN, "--out", out, flag], capsys)
+    assert code == 0, err
+    assert stray_tmp_files(out) == [] and (out / "notes.tmp").exists()
+
+
+# ---------------------------------------------------------------- Ctrl-C
+
+
+def test_ctrl_c_through_typer_says_how_to_continue(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """SIGINT while a command runs (typer in between): exit 130 and the --resume hint, not typer's silent 130."""
+    import robustopt.training.loop as loop
+
+    def interrupted_train(*args: object, **kwargs: object) -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)  # the handler raises before this ends
+        raise AssertionError("SIGINT was not delivered")
+
+    monkeypatch.setattr(loop, "train", interrupted_train)
+    code, err = run_main(TRAIN, capsys)
+    assert code == 130
+    assert err.strip() == "robustopt: interrupted; finished epochs and checkpoints are kept (use --resume)"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored afterwards
+
+
+@pytest.mark.slow
+def test_ctrl_c_real_process_then_resume(tmp_path: Path) -> None:
+    """A real ``robustopt train`` interrupted mid-epoch by SIGINT prints the hint; --resume then finishes the run."""
+    out, env = tmp_path / "run", _env(tmp_path)
+    args = [sys.executable, "-m", "robustopt", *TRAIN, "--subset", "3000", "--epochs", "2", "--out", str(out)]
+    proc = subprocess.Popen([*args, "--checkpoint-minutes", "0.0002"], stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoint.safetensors").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() is not None else "slow"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 130
+    err = proc.stderr.read()
+    assert "interrupted" in err and "--resume" in err and "Traceback" not in err, err
+    assert not list(out.glob(".*.tmp")) and not (out / LOCK).exists()
+    done = subprocess.run([*args, "--resume"], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert [r["epoch"] for r in read_metrics(out)] == [1, 2]
+
+
+def test_empty_path_options_are_refused_before_anything_runs(tmp_path: Path, capsys) -> None:
+    for argv in (["download", "mnist", "--dest", ""], [*TRAIN, "--data-dir="], [*TRAIN, "--config", " "]):
+        code, err = run_main(argv, capsys)
+        assert code == 2 and "is empty" in err, err
+    assert cli_app.PATH_OPTIONS  # the list the check uses
