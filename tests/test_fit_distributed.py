@@ -7,6 +7,7 @@ randomised methods agree with one process only in distribution, not to the bit.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -31,9 +32,15 @@ def test_torchrun_trains_a_factory_model_on_npz_data_like_one_process(tmp_path: 
     np.savez(tmp_path / "mine.npz", x_train=images[:320], y_train=y[:320].numpy(), x_test=images[320:], y_test=y[320:].numpy())
     env = {**os.environ, **LOOPBACK_ENV, "PYTHONPATH": str(tmp_path)}
     ddp = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "robustopt", "train"]
-    done = subprocess.run([*ddp, *ARGS, "--batch-size", "20", "--out", "ddp"], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-2000:]
+    proc = subprocess.Popen([*ddp, *ARGS, "--batch-size", "20", "--out", "ddp"], cwd=tmp_path, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
+    try:
+        _, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks: no orphaned worker outlives the test
+        _, err = proc.communicate()
+        pytest.fail(f"torchrun did not finish in 300 s: {err[-2000:]}")
+    assert proc.returncode == 0, err[-2000:]
     single = [sys.executable, "-m", "robustopt", "train", *ARGS, "--batch-size", "40", "--out", "single"]
     done = subprocess.run(single, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
