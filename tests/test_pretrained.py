@@ -56,9 +56,6 @@ def test_cli_evaluates_a_pretrained_name(
     assert e.value.code == 2 and len(err.splitlines()) == 1 and "mnist-linf-0.3" in err
 
 
-@pytest.mark.skipif(
-    "mnist-linf-0.3" not in pretrained.list_pretrained(), reason="the real mnist-linf-0.3 has not been committed yet"
-)
 def test_the_shipped_mnist_model_is_robust_offline(mnist: Dataset) -> None:
     from robustopt.evaluation.attacks import run_attack
 
