@@ -317,18 +317,18 @@ FACTORY = textwrap.dedent(
 def test_a_factory_model_trained_from_the_cli_is_rebuilt_by_load_model_in_a_fresh_process(tmp_path: Path) -> None:
     import numpy as np
 
-    (tmp_path / "usernets.py").write_text(FACTORY)
+    (tmp_path / "fitnets.py").write_text(FACTORY)
     x, y = make_data(300, 0)
     arrays = {"x_train": (x[:250] * 255).round().byte().permute(0, 2, 3, 1).numpy(), "y_train": y[:250].numpy()}
     arrays |= {"x_test": (x[250:] * 255).round().byte().permute(0, 2, 3, 1).numpy(), "y_test": y[250:].numpy()}
     np.savez(tmp_path / "mine.npz", **arrays)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tmp_path)}
-    train = [sys.executable, "-m", "robustopt", "train", "--data", "mine.npz", "--model", "usernets:build", "--model-kwargs",
+    train = [sys.executable, "-m", "robustopt", "train", "--data", "mine.npz", "--model", "fitnets:build", "--model-kwargs",
              '{"width": 6}', "--method", "trades", "--steps", "2", "--eps", "8/255", "--epochs", "1", "--out", "run"]  # fmt: skip
     done = subprocess.run(train, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert cfg["model"] == "usernets:build" and cfg["model_kwargs"] == {"width": 6} and cfg["num_classes"] == 5
+    assert cfg["model"] == "fitnets:build" and cfg["model_kwargs"] == {"width": 6} and cfg["num_classes"] == 5
     check = "import robustopt; m = robustopt.load_model('run'); print(type(m).__name__, m[0].out_channels)"
     done = subprocess.run([sys.executable, "-c", check], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]

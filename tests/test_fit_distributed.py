@@ -20,13 +20,13 @@ from robustopt.runs import load_model, read_metrics
 from test_fit import FACTORY, make_data
 
 LOOPBACK_ENV = {"MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
-ARGS = ["--data", "mine.npz", "--model", "usernets:build", "--method", "robust", "--steps", "2", "--eps", "8/255",
+ARGS = ["--data", "mine.npz", "--model", "ddpnets:build", "--method", "robust", "--steps", "2", "--eps", "8/255",
         "--epochs", "1", "--lr", "0.05", "--device", "cpu", "--no-progress"]  # fmt: skip
 
 
 @pytest.mark.slow
 def test_torchrun_trains_a_factory_model_on_npz_data_like_one_process(tmp_path: Path) -> None:
-    (tmp_path / "usernets.py").write_text(FACTORY)
+    (tmp_path / "ddpnets.py").write_text(FACTORY)
     x, y = make_data(400, 0)
     images = (x * 255).round().byte().permute(0, 2, 3, 1).numpy()  # (N, H, W, C) uint8, as users store them
     np.savez(tmp_path / "mine.npz", x_train=images[:320], y_train=y[:320].numpy(), x_test=images[320:], y_test=y[320:].numpy())
@@ -49,6 +49,7 @@ def test_torchrun_trains_a_factory_model_on_npz_data_like_one_process(tmp_path: 
         a, b = load_model(tmp_path / "ddp"), load_model(tmp_path / "single")
     finally:
         sys.path.remove(str(tmp_path))
+        sys.modules.pop("ddpnets", None)
     for (name, p), q in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
     ddp_row, single_row = read_metrics(tmp_path / "ddp")[0], read_metrics(tmp_path / "single")[0]

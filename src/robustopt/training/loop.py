@@ -143,6 +143,7 @@ class Run:
     augment: bool
     scheduler: Any = None
     scheduler_interval: str = "epoch"
+    base_lrs: list[float] = field(default_factory=list)  # each group's lr before any schedule or resume
     prog: Progress = field(default_factory=Progress)
     log: Log = print
     bar: bool = False
@@ -277,9 +278,11 @@ def _prepare(
     board = Board(out) if cfg.tensorboard and info.is_main else None
     if dev.type == "cuda":
         train_src = train_src.to(dev)
+    base_lrs = [float(g["lr"]) for g in ctx.optimizer.param_groups]
     return Run(
-        cfg, out, info, dev, model, ctx, train_src, test_src, held, meta, augment, scheduler, scheduler_interval, board=board
-    )
+        cfg, out, info, dev, model, ctx, train_src, test_src, held, meta, augment, scheduler, scheduler_interval, base_lrs,
+        board=board,
+    )  # fmt: skip
 
 
 def _devices(cfg: TrainConfig, device: str | None) -> tuple[dist.DistInfo, torch.device]:
@@ -472,7 +475,7 @@ def _one_batch(run: Run, x: torch.Tensor, y: torch.Tensor, iters: int) -> None:
     if cfg.channels_last and x.dim() == 4:
         x = x.contiguous(memory_format=torch.channels_last)
     if run.scheduler is None:
-        set_scheduled_lr(run.ctx.optimizer, lr_factor(cfg, prog.epoch, prog.batch, iters))
+        set_scheduled_lr(run.ctx.optimizer, run.base_lrs, lr_factor(cfg, prog.epoch, prog.batch, iters))
     loss, logits = train_step(run.ctx, x, y)
     if not math.isfinite(loss):
         raise ConfigError(f"training diverged (loss {loss}) at epoch {prog.epoch + 1}; lower --lr")

@@ -70,8 +70,10 @@ def check_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
         )
 
 
-def set_scheduled_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
-    """Each group's lr = its initial lr × factor (the initial lr is remembered on first use)."""
-    for group in optimizer.param_groups:
-        group.setdefault("initial_lr", group["lr"])
-        group["lr"] = group["initial_lr"] * factor
+def set_scheduled_lr(optimizer: torch.optim.Optimizer, base_lrs: list[float], factor: float) -> None:
+    """Each group's lr = its base lr (as handed to the loop, before any resume) × factor.
+
+    The base lrs are kept by the loop, not read back from the optimiser: a resumed optimiser holds the
+    scheduled lr of the moment it was saved, which must not become the new base."""
+    for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
+        group["lr"] = base * factor
