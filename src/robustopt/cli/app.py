@@ -87,6 +87,10 @@ def main(argv: list[str] | None = None) -> None:
     interpreter exit, which aborted a rank with SIGABRT ("terminate called without an active
     exception") or left it hanging in about 1 of 20 torchrun test runs.
     """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and argv is None:
+        from robustopt.training import distributed
+
+        distributed.HARD_EXIT = True
     try:
         _main(argv)
     except SystemExit as e:
