@@ -191,17 +191,7 @@ def evaluate(
         key.update(model_sha256=_weights_hash(model), source_sha256=_weights_hash(source_model))
         key.update(data_sha256=content_hash({"x": x, "y": y}))
     clean, robust, stats = _load_partial(partial, key)
-    extra = {"stats": stats} if name in CASCADES else {}
-    desc = f"{name} {threat.norm} eps={threat.eps:g}"
-    with tqdm(total=len(y), initial=len(clean), desc=desc, unit="img", disable=not progress, file=sys.stderr) as bar:
-        for start in range(len(clean), len(y), batch_size):
-            gen = torch.Generator(device=dev).manual_seed(seed * 1_000_003 + start)
-            xb, yb = x[start : start + batch_size].to(dev), y[start : start + batch_size].to(dev)
-            c, r = _batch_masks(model, attacker, fn, xb, yb, threat, name, gen, extra)
-            clean, robust = clean + c.tolist(), robust + r.tolist()
-            if partial is not None:
-                write_json(partial, {"key": key, "clean": clean, "robust": robust, "components": stats})
-            bar.update(len(yb))
+    clean, robust = _attack_batches(model, attacker, fn, x, y, threat, name, key, partial, (clean, robust, stats), dev, progress)
     robust_mask = torch.tensor(robust, dtype=torch.bool)
     result: dict[str, Any] = {k: v for k, v in key.items() if k != "attack_kwargs"}
     result.update(clean_accuracy=sum(clean) / len(y), adversarial_accuracy=sum(robust) / len(y))
@@ -220,6 +210,37 @@ def evaluate(
     result["seconds"] = time.time() - t0
     result["robust_mask"] = robust_mask
     return result
+
+
+def _attack_batches(
+    model: nn.Module,
+    attacker: nn.Module,
+    fn: AttackFn,
+    x: Tensor,
+    y: Tensor,
+    threat: ThreatModel,
+    name: str,
+    key: dict[str, Any],
+    partial: Path | None,
+    done: tuple[list[bool], list[bool], dict[str, int]],
+    dev: torch.device,
+    progress: bool,
+) -> tuple[list[bool], list[bool]]:
+    """Per-example clean and robust flags, batch by batch from where ``done`` stops, saved to ``partial`` as it goes."""
+    clean, robust, stats = done
+    batch_size, seed = key["batch_size"], key["seed"]
+    extra = {"stats": stats} if name in CASCADES else {}
+    desc = f"{name} {threat.norm} eps={threat.eps:g}"
+    with tqdm(total=len(y), initial=len(clean), desc=desc, unit="img", disable=not progress, file=sys.stderr) as bar:
+        for start in range(len(clean), len(y), batch_size):
+            gen = torch.Generator(device=dev).manual_seed(seed * 1_000_003 + start)
+            xb, yb = x[start : start + batch_size].to(dev), y[start : start + batch_size].to(dev)
+            c, r = _batch_masks(model, attacker, fn, xb, yb, threat, name, gen, extra)
+            clean, robust = clean + c.tolist(), robust + r.tolist()
+            if partial is not None:
+                write_json(partial, {"key": key, "clean": clean, "robust": robust, "components": stats})
+            bar.update(len(yb))
+    return clean, robust
 
 
 def check_batch(batch_size: int, restarts: int, steps: int | None) -> None:
