@@ -25,6 +25,7 @@ from robustopt.data.datasets import load_dataset, to_float
 from robustopt.models.zoo import build_model
 from robustopt.runs import load_model, load_tensors, read_metrics
 from robustopt.threat.model import ThreatModel
+from robustopt.training import distributed as rdist
 from robustopt.training.config import TrainConfig
 from robustopt.training.loop import _guard_check, accuracy, context_for, train
 from robustopt.training.objectives import train_step
@@ -70,15 +71,16 @@ def _one_step(case: str, x: torch.Tensor, y: torch.Tensor, ddp: bool) -> dict[st
 def _parity_worker(rank: int, port: int, out: str) -> None:
     os.environ.update(LOOPBACK_ENV)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    rdist.init_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     x, y = _global_batch()
     shard = slice(rank * GLOBAL_BATCH // WORLD, (rank + 1) * GLOBAL_BATCH // WORLD)
     result = {f"{case}/{k}": v for case in CASES for k, v in _one_step(case, x[shard], y[shard], ddp=True).items()}
     result["guard"] = torch.tensor(_guards_of_all_ranks(rank))
     if rank == 0:
         torch.save(result, out)
-    dist.barrier()  # leave together: a rank that exits while its peer still talks can abort the peer
-    dist.destroy_process_group()
+    rdist.teardown()
+    # What must not survive teardown: a group thread alive at interpreter exit is what aborted ranks.
+    Path(f"{out}.threads{rank}").write_text(json.dumps(rdist.group_threads()))
 
 
 def _guards_of_all_ranks(rank: int) -> list[float]:
@@ -102,8 +104,9 @@ def ddp_weights(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str,
     out = tmp_path_factory.mktemp("ddp") / "weights.pt"
     mp.spawn(_parity_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
     flat = torch.load(out, weights_only=True)
+    left = {rank: json.loads(Path(f"{out}.threads{rank}").read_text()) for rank in range(WORLD)}
     weights = {case: {k.split("/", 1)[1]: v for k, v in flat.items() if k.startswith(case + "/")} for case in CASES}
-    return {**weights, "guard": flat["guard"]}
+    return {**weights, "guard": flat["guard"], "threads_left": left}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -126,6 +129,13 @@ def test_fast_guard_is_the_same_on_every_rank(ddp_weights: dict) -> None:
     guards = ddp_weights["guard"]
     assert len(guards) == WORLD and 0.0 < float(guards[0]) < 1.0
     assert torch.all(guards == guards[0]), guards
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="thread names come from Linux /proc")
+def test_teardown_ends_every_group_thread(ddp_weights: dict) -> None:
+    """After DDP steps, an optimiser step (which imports torch._dynamo) and teardown, no gloo or store
+    thread is left: one alive at interpreter exit is what aborted ranks with SIGABRT (issue 13)."""
+    assert ddp_weights["threads_left"] == {rank: [] for rank in range(WORLD)}
 
 
 def _torchrun(out: Path, extra: list[str]) -> subprocess.CompletedProcess:
@@ -174,3 +184,34 @@ def test_torchrun_two_ranks_equals_one_process_with_the_global_batch(tmp_path: P
     assert ddp_row["train_acc"] == pytest.approx(single_row["train_acc"], abs=1e-3)
     data = load_dataset("mnist")
     assert ddp_row["test_acc"] == pytest.approx(accuracy(ddp_model, data.x_test, data.y_test, torch.device("cpu")), abs=1e-4)
+
+
+_USER_SCRIPT = """
+import json, os, sys, torch
+from torch import nn
+import robustopt
+from robustopt.training.distributed import group_threads
+torch.manual_seed(0)
+x, y = torch.rand(64, 8), torch.randint(0, 3, (64,))
+net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+robustopt.fit(net, (x, y), out=sys.argv[1], method="pgd", threat=robustopt.ThreatModel("linf", 0.1),
+              epochs=2, batch_size=16, steps=2, device="cpu", progress_bar=False, log=lambda s: None)
+open(sys.argv[1] + ".left" + os.environ["RANK"], "w").write(json.dumps(group_threads()))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="thread names come from Linux /proc")
+def test_fit_in_a_user_script_under_torchrun_leaves_no_group_behind(tmp_path: Path) -> None:
+    """The library path: a user's own script calls ``fit`` under torchrun and then exits normally
+    (no ``os._exit`` as in the CLI). ``fit`` made the group, so it must end every group thread."""
+    script = tmp_path / "user_train.py"
+    script.write_text(_USER_SCRIPT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}", str(script)]
+    cmd.append(str(tmp_path / "run"))
+    env = {**os.environ, **LOOPBACK_ENV, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
+    assert proc.returncode == 0, _why(proc.stderr)
+    left = {rank: json.loads((tmp_path / f"run.left{rank}").read_text()) for rank in range(WORLD)}
+    assert left == {rank: [] for rank in range(WORLD)}
+    assert (tmp_path / "run" / "model.safetensors").is_file()

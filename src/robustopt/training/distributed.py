@@ -39,16 +39,43 @@ def from_env() -> DistInfo:
 def setup(info: DistInfo, device: torch.device) -> bool:
     """Join the process group when running under torchrun; returns True when this call created it.
 
-    Whoever creates the group destroys it (:func:`teardown`) before returning: in a stress test, two
-    gloo ranks exiting with a live group aborted 2 of 15 times ("terminate called without an active
-    exception"), with barrier + destroy 0 of 15. This does not remove every abort: the torchrun test
-    still saw the same abort in rank 1 about once in 20 runs (open; see issue 13).
+    Whoever creates the group destroys it (:func:`teardown`) before returning.
     """
     if info.enabled and not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, rank=info.rank, world_size=info.world_size)
+        init_group("nccl" if device.type == "cuda" else "gloo", rank=info.rank, world_size=info.world_size)
         return True
     return False
+
+
+def init_group(backend: str, **kwargs: object) -> None:
+    """``dist.init_process_group(backend, **kwargs)``, with ``torch._dynamo`` imported first.
+
+    Why (the cause of issue 13's SIGABRT): importing ``torch.distributed._shard`` while a group is
+    up, which ``torch._dynamo`` does and the first ``optimizer.step()`` imports, leaves references to
+    the default group inside torch (torch 2.13). ``destroy_process_group`` then no longer frees it: its
+    gloo threads (TCP loop, two workers, and on rank 0 the TCPStore server) run on until interpreter
+    shutdown, where the group's C++ destructor runs in no set order and aborts the process about one
+    time in ten ("terminate called without an active exception"). Imported before the group exists,
+    nothing keeps it, and ``destroy_process_group`` joins those threads. :func:`group_threads` checks it.
+    """
+    import torch._dynamo  # noqa: F401  (see above: must precede init_process_group)
+
+    dist.init_process_group(backend=backend, **kwargs)  # type: ignore[arg-type]
+
+
+def group_threads() -> list[str]:
+    """Names of this process's threads that belong to a c10d group or store (Linux ``/proc``; [] elsewhere)."""
+    tasks = "/proc/self/task"
+    if not os.path.isdir(tasks):
+        return []
+    names = []
+    for tid in os.listdir(tasks):
+        try:
+            with open(f"{tasks}/{tid}/comm") as f:
+                names.append(f.read().strip())
+        except OSError:  # the thread ended while we listed
+            continue
+    return sorted(n for n in names if n.startswith(("gloo", "pt_gloo", "pt_tcpstore", "pt_nccl")))
 
 
 HARD_EXIT = False  # set by the CLI under torchrun: the process leaves with os._exit right after training
