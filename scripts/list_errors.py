@@ -79,7 +79,8 @@ def markdown(messages: list[Message]) -> str:
         "Besides these, the CLI reports operating-system errors (permission denied, disk full) as",
         "`robustopt: error: <reason>: <path>` with status 2, click's usage errors (a bad flag, a missing value)",
         "with status 2, Ctrl-C as `robustopt: interrupted; finished epochs and checkpoints are kept (use --resume)`",
-        "with status 130, and anything unexpected as a one-line `robustopt: internal error: ...` with status 1.",
+        "with status 130, SIGTERM as `robustopt: stopped by SIGTERM; ...` with status 143, and anything unexpected",
+        "as a one-line `robustopt: internal error: ...` with status 1.",
         "",
         f"{len(messages)} messages.",
     ]

@@ -127,25 +127,38 @@ def test_stray_tmp_files_are_cleaned(flag: str, tmp_path: Path, capsys) -> None:
 # ---------------------------------------------------------------- Ctrl-C
 
 
-def test_ctrl_c_through_typer_says_how_to_continue(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
-    """SIGINT while a command runs (typer in between): exit 130 and the --resume hint, not typer's silent 130."""
+SIGNALS = {  # signal: (exit code 128 + signum, how the line starts)
+    signal.SIGINT: (130, "robustopt: interrupted;"),
+    signal.SIGTERM: (143, "robustopt: stopped by SIGTERM;"),
+}
+
+
+@pytest.mark.parametrize("sig", list(SIGNALS), ids=lambda s: s.name)
+def test_a_signal_through_typer_says_how_to_continue(sig: signal.Signals, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """SIGINT (Ctrl-C) or SIGTERM (kill, a scheduler's time limit) while a command runs, typer in between:
+    exit 128 + signum and the --resume hint, not typer's silent 130 or a silent death."""
     import robustopt.training.loop as loop
 
+    before = signal.getsignal(sig)
+
     def interrupted_train(*args: object, **kwargs: object) -> None:
-        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), sig)
         time.sleep(5)  # the handler raises before this ends
-        raise AssertionError("SIGINT was not delivered")
+        raise AssertionError(f"{sig.name} was not delivered")
 
     monkeypatch.setattr(loop, "train", interrupted_train)
     code, err = run_main(TRAIN, capsys)
-    assert code == 130
-    assert err.strip() == "robustopt: interrupted; finished epochs and checkpoints are kept (use --resume)"
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored afterwards
+    want_code, start = SIGNALS[sig]
+    assert code == want_code
+    assert err.strip() == f"{start} finished epochs and checkpoints are kept (use --resume)"
+    assert signal.getsignal(sig) is before  # restored afterwards
 
 
 @pytest.mark.slow
-def test_ctrl_c_real_process_then_resume(tmp_path: Path) -> None:
-    """A real ``robustopt train`` interrupted mid-epoch by SIGINT prints the hint; --resume then finishes the run."""
+@pytest.mark.parametrize("sig", list(SIGNALS), ids=lambda s: s.name)
+def test_a_signal_to_a_real_process_then_resume(sig: signal.Signals, tmp_path: Path) -> None:
+    """A real ``robustopt train`` stopped mid-epoch by SIGINT or SIGTERM prints the hint, leaves no lock or
+    temporary file, and --resume then finishes the run."""
     out, env = tmp_path / "run", _env(tmp_path)
     args = [sys.executable, "-m", "robustopt", *TRAIN, "--subset", "3000", "--epochs", "2", "--out", str(out)]
     proc = subprocess.Popen([*args, "--checkpoint-minutes", "0.0002"], stderr=subprocess.PIPE, text=True, env=env)
@@ -153,10 +166,11 @@ def test_ctrl_c_real_process_then_resume(tmp_path: Path) -> None:
     while not (out / "checkpoint.safetensors").exists():
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() is not None else "slow"
         time.sleep(0.01)
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=60) == 130
+    proc.send_signal(sig)
+    want_code, start = SIGNALS[sig]
+    assert proc.wait(timeout=60) == want_code
     err = proc.stderr.read()
-    assert "interrupted" in err and "--resume" in err and "Traceback" not in err, err
+    assert start in err and "--resume" in err and "Traceback" not in err, err
     assert not list(out.glob(".*.tmp")) and not (out / LOCK).exists()
     done = subprocess.run([*args, "--resume"], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr

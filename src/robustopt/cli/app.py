@@ -47,24 +47,33 @@ def _one_line(message: str) -> str:
 
 
 class Interrupted(BaseException):
-    """Ctrl-C. Not a KeyboardInterrupt: typer turns those into a silent exit 130 before :func:`main` sees them."""
+    """Ctrl-C or SIGTERM. Not a KeyboardInterrupt: typer turns those into a silent exit 130 before :func:`main` sees them."""
+
+    def __init__(self, signum: int = signal.SIGINT) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
 @contextmanager
-def _ctrl_c_raises_interrupted() -> Iterator[None]:
-    """While the app runs, SIGINT raises :class:`Interrupted` (only the main thread may set handlers)."""
-    def handler(signum: int, frame: object) -> None:
-        raise Interrupted
+def _signals_raise_interrupted() -> Iterator[None]:
+    """While the app runs, SIGINT (Ctrl-C) and SIGTERM (``kill``, a batch scheduler's time limit) raise
+    :class:`Interrupted`, so ``finally`` blocks and the run lock unwind as for Ctrl-C and the user is told
+    how to go on. Only the main thread may set handlers."""
 
+    def handler(signum: int, frame: object) -> None:
+        raise Interrupted(signum)
+
+    previous = {}
     try:
-        previous = signal.signal(signal.SIGINT, handler)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, handler)
     except ValueError:  # not the main thread
-        yield
-        return
+        pass
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 PATH_OPTIONS = ("--out", "--data-dir", "--config", "--partial", "--source", "--dest", "--compare")
@@ -110,7 +119,7 @@ def _main(argv: list[str] | None) -> None:
     debug = "--debug" in args or os.environ.get("ROBUSTOPT_DEBUG") == "1"
     try:
         check_path_options(args)
-        with _ctrl_c_raises_interrupted():
+        with _signals_raise_interrupted():
             app(args=args, prog_name="robustopt")  # usage errors: click prints usage and exits 2
     except RobustoptError as e:
         if debug:
@@ -123,9 +132,11 @@ def _main(argv: list[str] | None) -> None:
         where = f": {e.filename}" if e.filename else ""
         print(f"robustopt: error: {_one_line(e.strerror or str(e))}{where}", file=sys.stderr)
         sys.exit(2)
-    except (KeyboardInterrupt, Interrupted):
-        print("robustopt: interrupted; finished epochs and checkpoints are kept (use --resume)", file=sys.stderr)
-        sys.exit(130)
+    except (KeyboardInterrupt, Interrupted) as e:
+        signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+        how = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+        print(f"robustopt: {how}; finished epochs and checkpoints are kept (use --resume)", file=sys.stderr)
+        sys.exit(128 + signum)
     except Exception as e:  # noqa: BLE001 - the last line of defence: never a bare traceback
         if debug:
             traceback.print_exc()
