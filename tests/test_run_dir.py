@@ -17,7 +17,17 @@ import pytest
 
 from robustopt import cli
 from robustopt.errors import RunDirError
-from robustopt.runs import LOCK, RunLock, check_run_dir, load_model, load_tensors, read_metrics, stray_tmp_files
+from robustopt.runs import (
+    LOCK,
+    SET_ASIDE,
+    RunLock,
+    check_run_dir,
+    load_model,
+    load_tensors,
+    read_metrics,
+    restore_set_aside,
+    stray_tmp_files,
+)
 
 TRAIN = ["train", "--model", "mlp", "--subset", "300", "--epochs", "1", "--no-progress"]
 cli_app = importlib.import_module("robustopt.cli.app")
@@ -182,3 +192,68 @@ def test_empty_path_options_are_refused_before_anything_runs(tmp_path: Path, cap
         code, err = run_main(argv, capsys)
         assert code == 2 and "is empty" in err, err
     assert cli_app.PATH_OPTIONS  # the list the check uses
+
+
+# ---------------------------------------------------------------- --overwrite sets the old run aside
+
+
+def _snapshot(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()}
+
+
+def test_overwrite_that_fails_in_its_first_epoch_gives_the_finished_run_back(tmp_path: Path, capsys) -> None:
+    """The new run passes every check and then diverges in epoch 1: the finished run it replaced comes back whole."""
+    out = tmp_path / "run"
+    code, err = run_main([*TRAIN, "--out", out], capsys)
+    assert code == 0, err
+    before = _snapshot(out)
+    code, err = run_main([*TRAIN, "--out", out, "--overwrite", "--lr", "1e30"], capsys)
+    assert code == 2 and "diverged" in err, err
+    assert _snapshot(out) == before
+    assert not (out / SET_ASIDE).exists()
+
+
+def test_overwrite_drops_the_old_run_once_an_epoch_is_done(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    assert run_main([*TRAIN, "--out", out], capsys)[0] == 0
+    old = load_tensors(out / "model.safetensors")[0]
+    code, err = run_main([*TRAIN, "--out", out, "--overwrite", "--seed", "7"], capsys)
+    assert code == 0, err
+    assert not (out / SET_ASIDE).exists()
+    new = load_tensors(out / "model.safetensors")[0]
+    assert any(not (old[k] == new[k]).all() for k in old)  # really the new run's weights
+    assert json.loads((out / "config.json").read_text())["train"]["seed"] == 7
+
+
+@pytest.mark.slow
+def test_a_killed_overwrite_is_undone_by_the_next_command(tmp_path: Path, capsys) -> None:
+    """SIGKILL during an --overwrite's first epoch leaves the old run set aside; the next command into the
+    directory puts it back before anything else, so the finished run is never lost."""
+    out, env = tmp_path / "run", _env(tmp_path)
+    assert run_main([*TRAIN, "--out", out], capsys)[0] == 0
+    before = _snapshot(out)
+    args = [sys.executable, "-m", "robustopt", *TRAIN, "--subset", "20000", "--out", str(out), "--overwrite"]
+    proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 120
+    while not ((out / SET_ASIDE / "config.json").exists() and (out / "config.json").exists()):  # the new run has begun
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() is not None else "slow"
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait(timeout=60)
+    assert (out / SET_ASIDE).is_dir() and "summary.json" not in _snapshot(out)  # killed mid-replacement
+    code, err = run_main([*TRAIN, "--out", out], capsys)  # no flag: restores, then refuses the finished run
+    assert code == 2 and "already holds a finished run" in err, err
+    assert _snapshot(out) == before
+    assert not (out / SET_ASIDE).exists()
+
+
+def test_a_kill_in_the_middle_of_setting_aside_loses_nothing(tmp_path: Path, capsys) -> None:
+    """Killed after moving some files aside and before config.json: the rest is still the old run's."""
+    out = tmp_path / "run"
+    assert run_main([*TRAIN, "--out", out], capsys)[0] == 0
+    before = _snapshot(out)
+    (out / SET_ASIDE).mkdir()
+    for name in ("summary.json", "model.safetensors"):  # the order replace_run moves them in
+        os.replace(out / name, out / SET_ASIDE / name)
+    assert restore_set_aside(out)
+    assert _snapshot(out) == before and not (out / SET_ASIDE).exists()

@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import struct
 import tempfile
 from pathlib import Path
@@ -42,6 +43,7 @@ CONFIG, MODEL, CHECKPOINT, METRICS, SUMMARY = (
 )
 RUN_FILES = (CONFIG, MODEL, CHECKPOINT, METRICS, SUMMARY)
 LOCK = ".lock"
+SET_ASIDE = ".overwritten"  # an --overwrite's previous run, kept until the new run has finished an epoch
 MAX_JSON_BYTES = 64 << 20  # config.json, summary.json, metrics.jsonl: kilobytes in practice
 MAX_HEADER_BYTES = 100 << 20  # the safetensors format's own limit on its JSON header
 
@@ -372,13 +374,54 @@ def clean_stray_tmp(out: Path) -> None:
 
 
 def replace_run(out: Path) -> None:
-    """Delete the run files in ``out`` (and stray temporaries); other files are left alone.
+    """Move the run files in ``out`` aside into ``out/.overwritten`` (other files are left alone).
 
-    Call only after every check has passed and while holding :class:`RunLock`.
+    The previous run stays there until the new run has finished its first epoch (:func:`drop_set_aside`);
+    a new run that ends before that, by an error, Ctrl-C or a kill, gets it back (:func:`restore_set_aside`),
+    so a bad ``--overwrite`` never loses a finished run. Call only after every check has passed and
+    while holding :class:`RunLock`.
     """
+    restore_set_aside(out)  # a killed earlier --overwrite: its set-aside run is the one to replace
     clean_stray_tmp(out)
-    for name in (SUMMARY, MODEL, BEST, CHECKPOINT, METRICS, CONFIG):  # summary first: a crash in between leaves it unfinished
+    if not (out / CONFIG).exists():  # no run here to keep, stray files at most
+        _delete_run_files(out)
+        return
+    aside = out / SET_ASIDE
+    aside.mkdir()
+    # config.json last: its presence in the set-aside folder marks the move as complete (see restore_set_aside)
+    for name in (SUMMARY, MODEL, BEST, CHECKPOINT, METRICS, CONFIG):
+        if (out / name).exists():
+            os.replace(out / name, aside / name)
+
+
+def _delete_run_files(out: Path) -> None:
+    for name in (SUMMARY, MODEL, BEST, CHECKPOINT, METRICS, CONFIG):  # summary first, as above
         (out / name).unlink(missing_ok=True)
+
+
+def restore_set_aside(out: Path) -> bool:
+    """Put back the run an ``--overwrite`` set aside, replacing what the new run wrote; True when there was one.
+
+    Called when the new run ends before finishing an epoch, and when a command finds a set-aside run
+    left by a killed one (holding :class:`RunLock`).
+    """
+    aside = out / SET_ASIDE
+    if not aside.is_dir():
+        return False
+    clean_stray_tmp(out)
+    if (aside / CONFIG).exists():  # the move was complete, so every run file in out is the new run's
+        _delete_run_files(out)
+    # else: killed mid-move; what was not moved yet is still the old run's, and the new run wrote nothing
+    for name in (CONFIG, METRICS, CHECKPOINT, BEST, MODEL, SUMMARY):  # summary last: the run reads as finished only when whole
+        if (aside / name).exists():
+            os.replace(aside / name, out / name)
+    shutil.rmtree(aside)
+    return True
+
+
+def drop_set_aside(out: Path) -> None:
+    """Delete the run an ``--overwrite`` set aside: the new run has finished an epoch and can stand in its place."""
+    shutil.rmtree(out / SET_ASIDE, ignore_errors=True)
 
 
 def load_model(

@@ -40,7 +40,9 @@ from robustopt.runs import (
     check_out,
     check_run_dir,
     clean_stray_tmp,
+    drop_set_aside,
     replace_run,
+    restore_set_aside,
     save_model,
     write_json,
     write_metrics,
@@ -201,6 +203,12 @@ def fit(
         try:
             while run.prog.epoch < run.cfg.epochs and not run.prog.extra.get("stopped"):
                 _train_epoch(run)
+                if run.info.is_main:
+                    drop_set_aside(run.out)  # the new run has a finished epoch to put in the old one's place
+        except BaseException:
+            if run.info.is_main and restore_set_aside(run.out):
+                run.log(f"the new run ended before finishing an epoch; the previous run in {run.out} is restored")
+            raise
         finally:
             if run.board is not None:
                 run.board.close()
@@ -404,6 +412,8 @@ def _metadata(
 def _open_run_dir(run: Run, *, resume: bool, overwrite: bool) -> None:
     """After every check has passed, holding the run's lock: replace, resume or start the run directory."""
     if run.info.is_main:
+        if restore_set_aside(run.out):  # a killed --overwrite: its new run never finished an epoch
+            run.log(f"restored the previous run that an interrupted --overwrite had set aside in {run.out}")
         do_resume = check_run_dir(run.out, run.cfg.training_keys(), resume=resume, overwrite=overwrite)
         replace_run(run.out) if overwrite else clean_stray_tmp(run.out)
     else:
