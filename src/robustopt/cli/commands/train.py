@@ -148,7 +148,12 @@ def _signature() -> inspect.Signature:
             "overwrite",
             kw,
             annotation=bool,
-            default=typer.Option(False, "--overwrite", help="Replace whatever --out holds (only after every check has passed)."),
+            default=typer.Option(
+                False,
+                "--overwrite",
+                help="Replace the run in --out. After every check has passed it is set aside, and given back if "
+                "the new run ends before finishing an epoch.",
+            ),
         ),
         inspect.Parameter(
             "progress",
