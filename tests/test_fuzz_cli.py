@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 import torch
 
-from _datafiles import tiny_arrays, write_cifar_bin, write_idx, write_npz
+from _datafiles import tiny_arrays, write_cifar100_bin, write_cifar_bin, write_idx, write_npz
 from robustopt import cli
 from robustopt.errors import CheckpointError, RobustoptError, RunDirError
 from robustopt.runs import load_model, load_tensors, read_metrics, save_tensors
@@ -691,6 +691,7 @@ SPECIAL_DATA: dict[str, tuple[str, Callable[[Path], Path]]] = {
     "npz": ("fashion-mnist", lambda d: d / "fashion-mnist.npz"),
     "idx": ("fashion-mnist", lambda d: write_idx(d / "fashion-mnist", tiny_arrays(), gz=True)["x_test"]),
     "cifar-bin": ("cifar10", lambda d: write_cifar_bin(d / "cifar-10-batches-bin", tiny_arrays((32, 32, 3))) / "test_batch.bin"),
+    "cifar100-bin": ("cifar100", lambda d: write_cifar100_bin(d / "cifar-100-binary", tiny_arrays((32, 32, 3))) / "train.bin"),
 }
 
 

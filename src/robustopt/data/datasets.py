@@ -218,32 +218,35 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8).reshape(dims)
 
 
-def read_cifar_bin(paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
-    """CIFAR-10 binary records ``<label byte><3072 planar RGB bytes>`` -> (N, 3, 32, 32), (N,)."""
+def _cifar_records(paths: list[Path], label_bytes: int, dataset: str) -> np.ndarray:
+    """The fixed-size records ``<label_bytes label bytes><3072 planar RGB bytes>`` of CIFAR binary files, (N, L + 3072).
+
+    Only regular files are read (a FIFO or a link to /dev/zero is refused), each checked to hold whole records.
+    """
+    record, name = label_bytes + 3072, {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}[dataset]
     chunks = []
     for p in paths:
         try:
             f, size = open_regular(p)
         except OSError as e:
-            raise DataError(f"{p}: cannot read this CIFAR-10 batch ({e.strerror}); run `robustopt download cifar10`") from None
+            raise DataError(f"{p}: cannot read this {name} file ({e.strerror}); run `robustopt download {dataset}`") from None
         with f:
-            if size == 0 or size % 3073:
-                raise DataError(f"{p}: size {size} is not a multiple of 3073 bytes; the file is truncated or corrupt")
-            check_declared_size(p, size, size, "this CIFAR-10 batch")
-            chunks.append(np.frombuffer(f.read(size), dtype=np.uint8).reshape(-1, 3073))
-    rec = np.concatenate(chunks)
+            if size == 0 or size % record:
+                raise DataError(f"{p}: size {size} is not a multiple of {record} bytes; the file is truncated or corrupt")
+            check_declared_size(p, size, size, f"this {name} file")
+            chunks.append(np.frombuffer(f.read(size), dtype=np.uint8).reshape(-1, record))
+    return np.concatenate(chunks)
+
+
+def read_cifar_bin(paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
+    """CIFAR-10 binary records ``<label byte><3072 planar RGB bytes>`` -> (N, 3, 32, 32), (N,)."""
+    rec = _cifar_records(paths, 1, "cifar10")
     return rec[:, 1:].reshape(-1, 3, 32, 32), rec[:, 0]
 
 
 def read_cifar100_bin(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """CIFAR-100 binary records ``<coarse label><fine label><3072 planar RGB bytes>`` -> (N, 3, 32, 32), fine labels (N,)."""
-    try:
-        raw = np.fromfile(path, dtype=np.uint8)
-    except OSError as e:
-        raise DataError(f"{path}: cannot read this CIFAR-100 file ({e.strerror}); run `robustopt download cifar100`") from None
-    if raw.size == 0 or raw.size % 3074:
-        raise DataError(f"{path}: size {raw.size} is not a multiple of 3074 bytes; the file is truncated or corrupt")
-    rec = raw.reshape(-1, 3074)
+    rec = _cifar_records([path], 2, "cifar100")
     return rec[:, 2:].reshape(-1, 3, 32, 32), rec[:, 1]
 
 
