@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import math
 import os
 import platform
@@ -214,8 +215,21 @@ def fit(
                 run.board.close()
         summary = _finish(run)
     if created_group:  # a gloo group alive at interpreter exit can abort a rank (SIGABRT)
+        _drop_ddp(run)
         dist.teardown()
     return summary
+
+
+def _drop_ddp(run: Run) -> None:
+    """Free the DDP wrapper before the group it uses is destroyed.
+
+    Its Reducer holds the process group, so while it lives ``destroy_process_group`` cannot free the
+    group; it would be freed later, when ``fit``'s locals go, right after the last collective
+    (see :func:`robustopt.training.distributed.all_sum` for why that can deadlock). DDP objects sit in
+    reference cycles, hence the collection.
+    """
+    run.ctx.model = run.model
+    gc.collect()
 
 
 def _resolve(
