@@ -79,6 +79,9 @@ def group_threads() -> list[str]:
     return sorted(n for n in names if n.startswith(("gloo", "pt_gloo", "pt_tcpstore", "pt_nccl")))
 
 
+_SENT: collections.deque[torch.Tensor] = collections.deque(maxlen=64)
+
+
 HARD_EXIT = False  # set by the CLI under torchrun: the process leaves with os._exit right after training
 
 
@@ -86,16 +89,14 @@ def teardown() -> None:
     """End the process group: every rank first waits at a barrier, so none leaves while others still talk.
 
     Then the group is destroyed, except in a CLI worker that leaves with ``os._exit`` right away
-    (:data:`HARD_EXIT`): there a rank that had already destroyed its group and exited left the other
-    rank waiting inside ``destroy_process_group`` (seen once in 10 torchrun test runs)."""
+    (:data:`HARD_EXIT`): one such rank was once seen waiting inside ``destroy_process_group``, most
+    likely the GIL deadlock that :func:`all_sum` now avoids; a process that exits next has no need to
+    destroy anything. The tensors :func:`all_sum` kept are released after the group."""
     if dist.is_initialized():
         dist.barrier()
         if not HARD_EXIT:
             dist.destroy_process_group()
     _SENT.clear()
-
-
-_SENT: collections.deque[torch.Tensor] = collections.deque(maxlen=64)
 
 
 def all_sum(values: list[float], device: torch.device) -> list[float]:
