@@ -173,21 +173,14 @@ def evaluate(
     mode = _sanity_mode(sanity)
     dev = torch.device(device) if device is not None else next(iter(model.parameters()), torch.empty(0)).device
     model = model.to(dev)
-    probe_x, probe_y = x[:32].to(dev), y[:32].to(dev)
-    check_model(model, probe_x, probe_y, "the model", num_classes)
-    if source_model is not None:
-        check_model(source_model.to(dev), probe_x, probe_y, "the source model", num_classes)
-    outputs = sanity_checks.output_checks(model, probe_x)
-    sanity_checks.report_failures(outputs, log)
-    attacker = model if source_model is None else source_model.to(dev)
-    if not outputs["randomness"]["passed"]:
-        attacker = ExpectedLogits(attacker, eot_samples)
+    source_model = source_model.to(dev) if source_model is not None else None
+    attacker, outputs = _checked_attacker(model, source_model, x, y, dev, num_classes, eot_samples, log)
     name, fn = _attack_fn(attack, steps, restarts, attack_kwargs or {})
     key = {"attack": name, "norm": threat.norm, "eps": threat.eps, "steps": steps, "restarts": restarts}
     key.update(seed=seed, n=len(y), batch_size=batch_size, transfer=source_model is not None, eot=attacker is not model)
     key.update(attack_kwargs={k: repr(v) for k, v in sorted((attack_kwargs or {}).items())})  # survives a JSON round trip
     partial = Path(partial_path) if partial_path else None
-    if partial is not None:
+    if partial is not None:  # partial results belong to these weights and this data only
         key.update(model_sha256=_weights_hash(model), source_sha256=_weights_hash(source_model))
         key.update(data_sha256=content_hash({"x": x, "y": y}))
     clean, robust, stats = _load_partial(partial, key)
@@ -210,6 +203,33 @@ def evaluate(
     result["seconds"] = time.time() - t0
     result["robust_mask"] = robust_mask
     return result
+
+
+def _checked_attacker(
+    model: nn.Module,
+    source_model: nn.Module | None,
+    x: Tensor,
+    y: Tensor,
+    dev: torch.device,
+    num_classes: int | None,
+    eot_samples: int,
+    log: Log,
+) -> tuple[nn.Module, dict[str, dict[str, Any]]]:
+    """Check the model(s) on a probe batch and return the module to attack and the output checks.
+
+    The attacker is the source model for a transfer evaluation, wrapped in EOT (expected logits
+    over ``eot_samples`` passes) when two forward passes of the model disagree.
+    """
+    probe_x, probe_y = x[:32].to(dev), y[:32].to(dev)
+    check_model(model, probe_x, probe_y, "the model", num_classes)
+    if source_model is not None:
+        check_model(source_model, probe_x, probe_y, "the source model", num_classes)
+    outputs = sanity_checks.output_checks(model, probe_x)
+    sanity_checks.report_failures(outputs, log)
+    attacker = model if source_model is None else source_model
+    if not outputs["randomness"]["passed"]:
+        attacker = ExpectedLogits(attacker, eot_samples)
+    return attacker, outputs
 
 
 def _attack_batches(
