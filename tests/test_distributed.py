@@ -195,6 +195,9 @@ net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
 robustopt.fit(net, (x, y), out=sys.argv[1], method="pgd", threat=robustopt.ThreatModel("linf", 0.1),
               epochs=2, batch_size=16, steps=2, device="cpu", progress_bar=False, log=lambda s: None)
 open(sys.argv[1] + ".left" + os.environ["RANK"], "w").write(json.dumps(group_threads()))
+for _ in range(2):  # the user's module, after fit, trains on without DDP: no hook of fit's left on it
+    net.zero_grad()
+    nn.functional.cross_entropy(net(x), y).backward()
 """
 
 

@@ -214,16 +214,18 @@ def fit(
             if run.board is not None:
                 run.board.close()
         summary = _finish(run)
-    if created_group:  # a gloo group alive at interpreter exit can abort a rank (SIGABRT)
+    if run.info.enabled:  # the user's module leaves fit without DDP's hooks on its parameters
         _drop_ddp(run)
+    if created_group:  # a gloo group alive at interpreter exit can abort a rank (SIGABRT)
         dist.teardown()
     return summary
 
 
 def _drop_ddp(run: Run) -> None:
-    """Free the DDP wrapper before the group it uses is destroyed.
+    """Free the DDP wrapper (and so its Reducer's gradient hooks on the model's parameters), before the
+    group it uses is destroyed.
 
-    Its Reducer holds the process group, so while it lives ``destroy_process_group`` cannot free the
+    The Reducer holds the process group, so while it lives ``destroy_process_group`` cannot free the
     group; it would be freed later, when ``fit``'s locals go, right after the last collective
     (see :func:`robustopt.training.distributed.all_sum` for why that can deadlock). DDP objects sit in
     reference cycles, hence the collection.
