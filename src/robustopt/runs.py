@@ -239,8 +239,10 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 # and two writers never mix one directory:
 #   1. check_out(out), then validate model, data and config (nothing on disk is touched);
 #   2. take RunLock(out) for the life of the writing;
-#   3. resume = check_run_dir(out, keys, resume=..., overwrite=...)   (pure: deletes nothing);
-#   4. replace_run(out) when overwriting, else clean_stray_tmp(out); then train.
+#   3. restore_set_aside(out): give back a run that a killed --overwrite had set aside;
+#   4. resume = check_run_dir(out, keys, resume=..., overwrite=...)   (pure: deletes nothing);
+#   5. replace_run(out) when overwriting (sets the old run aside), else clean_stray_tmp(out); then train;
+#   6. drop_set_aside(out) after the first finished epoch, or restore_set_aside(out) if the run ends before.
 
 
 def check_out(out: str | Path) -> Path:
@@ -379,9 +381,8 @@ def replace_run(out: Path) -> None:
     The previous run stays there until the new run has finished its first epoch (:func:`drop_set_aside`);
     a new run that ends before that, by an error, Ctrl-C or a kill, gets it back (:func:`restore_set_aside`),
     so a bad ``--overwrite`` never loses a finished run. Call only after every check has passed and
-    while holding :class:`RunLock`.
+    while holding :class:`RunLock`, after :func:`restore_set_aside` (step 3 above).
     """
-    restore_set_aside(out)  # a killed earlier --overwrite: its set-aside run is the one to replace
     clean_stray_tmp(out)
     if not (out / CONFIG).exists():  # no run here to keep, stray files at most
         _delete_run_files(out)

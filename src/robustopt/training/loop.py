@@ -201,24 +201,30 @@ def fit(
     created_group = run.info.enabled and not dist_was_up
     with RunLock(run.out) if run.info.is_main else contextlib.nullcontext():  # one writer per run directory
         _open_run_dir(run, resume=resume, overwrite=overwrite)
-        try:
-            while run.prog.epoch < run.cfg.epochs and not run.prog.extra.get("stopped"):
-                _train_epoch(run)
-                if run.info.is_main:
-                    drop_set_aside(run.out)  # the new run has a finished epoch to put in the old one's place
-        except BaseException:
-            if run.info.is_main and restore_set_aside(run.out):
-                run.log(f"the new run ended before finishing an epoch; the previous run in {run.out} is restored")
-            raise
-        finally:
-            if run.board is not None:
-                run.board.close()
+        _train_epochs(run)
         summary = _finish(run)
     if run.info.enabled:  # the user's module leaves fit without DDP's hooks on its parameters
         _drop_ddp(run)
     if created_group:  # a gloo group alive at interpreter exit can abort a rank (SIGABRT)
         dist.teardown()
     return summary
+
+
+def _train_epochs(run: Run) -> None:
+    """The remaining epochs. A run that an ``--overwrite`` set aside is dropped after the first finished
+    epoch, and given back if this run ends (error, Ctrl-C) before one."""
+    try:
+        while run.prog.epoch < run.cfg.epochs and not run.prog.extra.get("stopped"):
+            _train_epoch(run)
+            if run.info.is_main:
+                drop_set_aside(run.out)  # the new run has a finished epoch to put in the old one's place
+    except BaseException:
+        if run.info.is_main and restore_set_aside(run.out):
+            run.log(f"the new run ended before finishing an epoch; the previous run in {run.out} is restored")
+        raise
+    finally:
+        if run.board is not None:
+            run.board.close()
 
 
 def _drop_ddp(run: Run) -> None:
