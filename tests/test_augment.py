@@ -79,8 +79,30 @@ def test_bad_inputs_are_config_errors() -> None:
         augment_batch(torch.empty(4, 1, 3, 3, device="meta"), torch.Generator())
 
 
-def test_default_augment_by_kind() -> None:
-    assert default_augment("cifar10") and default_augment("cifar100") and default_augment("folder")
-    assert not default_augment("mnist") and not default_augment("fashion-mnist") and not default_augment("npz")
-    with pytest.raises(ConfigError, match="imagenet"):
+@pytest.mark.parametrize(
+    ("kind", "shape", "want"),
+    [
+        ("cifar10", (3, 32, 32), True),
+        ("cifar100", None, True),
+        ("folder", (3, 32, 32), True),  # natural colour images of 32 px and more
+        ("folder", (3, 64, 48), True),
+        ("folder", (1, 16, 16), False),  # the 16×16 digit folder that crop + flip kept at chance
+        ("folder", (3, 16, 16), False),  # small colour images: a 4-px shift is a quarter of the image
+        ("folder", (1, 64, 64), False),  # grayscale
+        ("folder", (3, 31, 64), False),
+        ("folder", None, False),  # shape unknown: off
+        ("mnist", (1, 28, 28), False),
+        ("fashion-mnist", None, False),
+        ("npz", (3, 32, 32), False),  # unknown content: the user opts in
+        ("npz", (20,), False),  # flat features
+        ("tensors", (20,), False),
+        ("cifar10", (20,), False),  # no geometry, whatever the name
+    ],
+)
+def test_default_augment_only_where_it_is_known_to_help(kind: str, shape: tuple[int, ...] | None, want: bool) -> None:
+    assert default_augment(kind, shape) is want
+
+
+def test_default_augment_unknown_kind_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="imagenet.*--augment/--no-augment"):
         default_augment("imagenet")

@@ -29,10 +29,11 @@ from _datafiles import (
     write_idx,
     write_npz,
 )
-from robustopt.data.datasets import load_dataset, read_idx
+from robustopt.data.datasets import load_dataset
 from robustopt.data.download import Remote, download
+from robustopt.data.formats import read_idx
 from robustopt.errors import CheckpointError, DataError
-from robustopt.runs import load_tensors, save_tensors
+from robustopt.tensors import load_tensors, save_tensors
 
 
 @pytest.fixture(autouse=True)

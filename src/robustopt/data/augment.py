@@ -20,25 +20,37 @@ import torch.nn.functional as F
 
 from robustopt.errors import ConfigError
 
-# Dataset kinds (``Dataset.kind``) whose training images are augmented by default: natural photographs,
-# where a shifted or mirrored image is still the same class. Digits and clothing (MNIST-like) and
-# arbitrary arrays are not: a mirrored "2" is no longer a "2", and features have no geometry.
-AUGMENTED_KINDS = frozenset({"cifar10", "cifar100", "folder"})
+# Dataset kinds (``Dataset.kind``) whose training images are augmented by default: the CIFAR family, where
+# crop + flip is the published recipe. Image folders are augmented only when they hold natural colour images
+# of at least MIN_AUGMENT_SIDE pixels a side: on 16×16 grayscale digits crop-with-pad-4 + flip kept training
+# at chance (with --no-augment it reached 100%), and a mirrored "2" is no longer a "2". MNIST-like data,
+# user ``.npz`` arrays and tensors are unknown content or flat features: the user opts in with ``--augment``.
+AUGMENTED_KINDS = frozenset({"cifar10", "cifar100"})
+SHAPE_DECIDES_KINDS = frozenset({"folder"})
 PLAIN_KINDS = frozenset({"mnist", "fashion-mnist", "npz", "tensors"})
+MIN_AUGMENT_SIDE = 32  # the crop moves up to 4 px each way: an eighth of a 32-px image, a quarter of a 16-px one
 
 
-def default_augment(kind: str) -> bool:
-    """Whether crop + flip is on by default for a dataset of this kind (``Dataset.kind`` or a built-in name).
+def default_augment(kind: str, input_shape: tuple[int, ...] | None = None) -> bool:
+    """Whether crop + flip is on by default for data of this kind and input shape (``Dataset.kind``, ``input_shape``).
 
-    On for CIFAR-10/100 and image folders; off for MNIST-like data, user ``.npz`` arrays and tensors
-    (their content is unknown, so the user opts in with ``--augment``).
+    True only where it is known to help: CIFAR-10/100, and image folders of colour images (C = 3) with
+    height and width ≥ :data:`MIN_AUGMENT_SIDE` (when ``input_shape`` is not given, a folder gets False).
+    False for MNIST-like data, small or grayscale folders, user ``.npz`` arrays, tensors and feature
+    vectors (shape (D,)). An unknown kind is a ConfigError that says to choose with ``--augment``/``--no-augment``.
     """
+    if kind not in AUGMENTED_KINDS | SHAPE_DECIDES_KINDS | PLAIN_KINDS:
+        known = ", ".join(sorted(AUGMENTED_KINDS | SHAPE_DECIDES_KINDS | PLAIN_KINDS))
+        msg = f"no augmentation default for dataset kind {kind!r}: use one of {known}, or pass --augment/--no-augment"
+        raise ConfigError(msg)
+    if input_shape is not None and len(input_shape) != 3:
+        return False  # feature vectors have no geometry to crop or mirror
     if kind in AUGMENTED_KINDS:
         return True
-    if kind in PLAIN_KINDS:
+    if kind in PLAIN_KINDS or input_shape is None:
         return False
-    known = ", ".join(sorted(AUGMENTED_KINDS | PLAIN_KINDS))
-    raise ConfigError(f"no augmentation default for dataset kind {kind!r}: use one of {known}, or pass --augment/--no-augment")
+    c, h, w = input_shape
+    return c == 3 and min(h, w) >= MIN_AUGMENT_SIDE
 
 
 def augment_batch(x: torch.Tensor, generator: torch.Generator, *, pad: int = 4, flip: bool = True) -> torch.Tensor:

@@ -17,7 +17,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from robustopt.data.datasets import cache_dir
+from robustopt.data.locations import cache_dir
 from robustopt.errors import DataError
 
 
