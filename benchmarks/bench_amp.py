@@ -6,7 +6,7 @@ Run by hand (not collected by pytest)::
         --rounds 2 --device cuda
 
 Each round trains one epoch of the recipe (same seed, same images) once per precision variant
-(``--variants off,bf16``; the order rotates between rounds) with :func:`robustopt.training.loop.train`
+(``--variants off,bf16``; the order rotates between rounds) with :func:`robustopt.training.named.train`
 and reads the epoch's training time (``train_seconds``: the loop only, without the test
 evaluation). Printed: seconds per epoch and each variant's time divided by the first variant's,
 median over rounds with the range, and the clean test accuracy after the epoch (a sanity check
@@ -24,12 +24,13 @@ from pathlib import Path
 import torch
 
 from robustopt.training.config import CONFIG_KEYS, make_config, read_toml
-from robustopt.training.loop import pick_device, train
+from robustopt.devices import pick_device
+from robustopt.training.named import train
 
 
 def one_epoch(base: dict, amp: str, images: int, device: str, data_dir: Path | None, root: Path) -> tuple[float, float]:
     cfg = make_config({**base, "amp": amp, "epochs": 1, "subset": images, "test_subset": 1000, "checkpoint_minutes": 1e6})
-    summary = train(cfg, root / amp, data_dir=data_dir, device=device, overwrite=True, progress_bar=False, log=lambda s: None)
+    summary = train(cfg, root / amp, data_dir=data_dir, device=device, overwrite=True, progress=False, log=lambda s: None)
     return summary["train_seconds"], summary["test_acc"]
 
 

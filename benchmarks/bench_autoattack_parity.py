@@ -37,7 +37,7 @@ from torch import nn
 
 from robustopt.data.datasets import load_dataset, to_float
 from robustopt.evaluation.attacks.autoattack import autoattack
-from robustopt.runs import load_model
+from robustopt.loading import load_model
 from robustopt.threat.model import ThreatModel
 
 Cascade = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, int]]]

@@ -7,7 +7,7 @@ Run by hand (not collected by pytest)::
     python benchmarks/bench_epoch_cost.py --dataset cifar10 --data-dir ../shared/data --model resnet18 \
         --images 1280 --batch-size 128 --eps 0.0314 --methods robust,free,fast --rounds 2
 
-Every round trains one epoch of each method with :func:`robustopt.training.loop.train` (same seed,
+Every round trains one epoch of each method with :func:`robustopt.training.named.train` (same seed,
 same images, same batch size) and divides each epoch's training time (``train_seconds``: the
 loop only, without the test evaluation) by the standard epoch's of that round, so that slow
 phases of a shared machine hit numerator and denominator alike. The method order rotates
@@ -33,7 +33,8 @@ from pathlib import Path
 import torch
 
 from robustopt.training.config import TrainConfig
-from robustopt.training.loop import pick_device, train
+from robustopt.devices import pick_device
+from robustopt.training.named import train
 
 METHODS = ("standard", "robust", "pgd", "free", "fast")
 
@@ -78,7 +79,7 @@ def one_epoch(method: str, args: argparse.Namespace, out: Path, device: torch.de
     )  # fmt: skip
     start = reset_peak(device)
     summary = train(
-        cfg, out / method, data_dir=args.data_dir, device=str(device), overwrite=True, progress_bar=False, log=lambda s: None
+        cfg, out / method, data_dir=args.data_dir, device=str(device), overwrite=True, progress=False, log=lambda s: None
     )
     top = peak(device)
     return summary["train_seconds"], top, top - start

@@ -32,11 +32,11 @@ import torch
 from torch import nn
 
 from robustopt.data.datasets import load_dataset, to_float
-from robustopt.runs import load_model
+from robustopt.loading import load_model
 from robustopt.threat.model import ThreatModel
 from robustopt.threat.perturb import perturb
 from robustopt.training.config import TrainConfig
-from robustopt.training.loop import train
+from robustopt.training.named import train
 
 Attack = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x (B,C,H,W), y (B,)) -> x_adv
 
@@ -70,7 +70,7 @@ def get_model(run: str | None, tmp: str) -> nn.Module:
     if run:
         return load_model(run)
     cfg = TrainConfig(method="robust", eps=0.2, epochs=1, subset=6000, batch_size=50, lr=0.05, seed=0)
-    train(cfg, tmp, device="cpu", progress_bar=False, log=lambda s: None)
+    train(cfg, tmp, device="cpu", progress=False, log=lambda s: None)
     return load_model(tmp)
 
 

@@ -17,7 +17,7 @@ import torch
 
 from robustopt.data.datasets import load_dataset, to_float
 from robustopt.evaluation.evaluate import evaluate
-from robustopt.runs import load_model
+from robustopt.loading import load_model
 from robustopt.threat.model import ThreatModel
 
 

@@ -26,10 +26,10 @@ def mnist_test_batch(mnist: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _train(tmp: Path, method: str, eps: float = 0.2) -> Path:
-    from robustopt.training.loop import train
+    from robustopt.training.named import train
 
     cfg = TrainConfig(method=method, eps=eps, epochs=1, subset=6000, batch_size=50, seed=0, lr=0.05)
-    train(cfg, tmp, progress_bar=False, log=lambda s: None)
+    train(cfg, tmp, progress=False, log=lambda s: None)
     return tmp
 
 

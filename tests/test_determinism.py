@@ -18,11 +18,11 @@ import torch
 from _datafiles import write_npz
 from robustopt.data.datasets import Dataset
 from robustopt.errors import ConfigError, RunDirError
-from robustopt.runs import load_tensors
+from robustopt.tensors import load_tensors
 from robustopt.training import distributed as dist
 from robustopt.training.batches import Source, batches
 from robustopt.training.config import TrainConfig
-from robustopt.training.loop import train
+from robustopt.training.named import train
 
 # paper-mnist with PGD from random starts: initialisation, data order and the attack generator all matter.
 BASE = {"model": "paper-mnist", "method": "pgd", "steps": 2, "eps": 0.1, "epochs": 1, "batch_size": 50}
@@ -41,7 +41,7 @@ def small_mnist(tmp_path_factory: pytest.TempPathFactory, mnist: Dataset) -> Pat
 
 def _run(out: Path, data: Path, resume: bool = False, overwrite: bool = False, **changes: object) -> Path:
     cfg = TrainConfig(**{**BASE, **changes})
-    train(cfg, out, data_dir=data, resume=resume, overwrite=overwrite, progress_bar=False, log=lambda s: None)
+    train(cfg, out, data_dir=data, resume=resume, overwrite=overwrite, progress=False, log=lambda s: None)
     return out
 
 
@@ -121,11 +121,11 @@ def test_deterministic_flag_sets_pytorch_deterministic_algorithms(tmp_path: Path
     try:
         torch.use_deterministic_algorithms(False)
         small = {**BASE, "model": "mlp", "subset": 100, "method": "standard"}
-        train(TrainConfig(**small), tmp_path / "plain", progress_bar=False, log=lambda s: None)
+        train(TrainConfig(**small), tmp_path / "plain", progress=False, log=lambda s: None)
         assert not torch.are_deterministic_algorithms_enabled()
         assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
         torch.backends.cudnn.benchmark = True
-        train(TrainConfig(**small, deterministic=True), tmp_path / "det", progress_bar=False, log=lambda s: None)
+        train(TrainConfig(**small, deterministic=True), tmp_path / "det", progress=False, log=lambda s: None)
         assert torch.are_deterministic_algorithms_enabled()
         assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
         assert torch.backends.cudnn.benchmark is False

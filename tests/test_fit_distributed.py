@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from robustopt.runs import load_model, read_metrics
+from robustopt.loading import load_model
+from robustopt.rundir import read_metrics
 from test_fit import FACTORY, make_data
 
 LOOPBACK_ENV = {"MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}

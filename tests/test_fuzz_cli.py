@@ -32,7 +32,9 @@ import torch
 from _datafiles import tiny_arrays, write_cifar100_bin, write_cifar_bin, write_idx, write_npz
 from robustopt import cli
 from robustopt.errors import CheckpointError, RobustoptError, RunDirError
-from robustopt.runs import load_model, load_tensors, read_metrics, save_tensors
+from robustopt.loading import load_model
+from robustopt.rundir import read_metrics
+from robustopt.tensors import load_tensors, save_tensors
 from robustopt.training.config import TrainConfig
 
 TRAIN = ["train", "--model", "mlp", "--subset", "300", "--epochs", "1", "--no-progress"]
@@ -112,10 +114,10 @@ def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(scope="module")
 def pristine_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, bytes]]:
     """A real finished 1-epoch mlp run on 300 MNIST images, and a snapshot of its files."""
-    from robustopt.training.loop import train
+    from robustopt.training.named import train
 
     run = tmp_path_factory.mktemp("finished") / "run"
-    train(TrainConfig(**RUN_CONFIG), run, progress_bar=False, log=lambda s: None)
+    train(TrainConfig(**RUN_CONFIG), run, progress=False, log=lambda s: None)
     return run, snapshot(run)
 
 

@@ -21,7 +21,7 @@ def placeholder_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A pretrained/ folder holding one finished run named mnist-linf-0.3 (a placeholder, not the real model)."""
     root = tmp_path_factory.mktemp("pretrained")
     cfg = TrainConfig(model="mlp", method="pgd", eps=0.3, steps=2, epochs=1, subset=600, test_subset=200, seed=0)
-    train(cfg, root / "mnist-linf-0.3", progress_bar=False, log=lambda _: None)
+    train(cfg, root / "mnist-linf-0.3", progress=False, log=lambda _: None)
     (root / "not-a-model").mkdir()  # a folder without weights is not listed
     return root
 

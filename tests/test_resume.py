@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from _datafiles import tiny_arrays, write_npz
-from robustopt.runs import load_tensors
+from robustopt.tensors import load_tensors
 
 FAST_CHECKPOINTS = ["--checkpoint-minutes", "0.0002"]  # 12 ms: a checkpoint after nearly every batch
 
@@ -144,7 +144,7 @@ def test_reference_differs_from_other_seed_sanity(tmp_path: Path) -> None:
     for d, seed in ((a, 0), (b, 1)):
         d.mkdir()
         torch.manual_seed(seed)
-        from robustopt.runs import save_tensors
+        from robustopt.tensors import save_tensors
 
         save_tensors(d / "model.safetensors", {"w": torch.randn(4)})
     assert _max_abs_diff(a, b) > 0

@@ -17,17 +17,9 @@ import pytest
 
 from robustopt import cli
 from robustopt.errors import RunDirError
-from robustopt.runs import (
-    LOCK,
-    SET_ASIDE,
-    RunLock,
-    check_run_dir,
-    load_model,
-    load_tensors,
-    read_metrics,
-    restore_set_aside,
-    stray_tmp_files,
-)
+from robustopt.loading import load_model
+from robustopt.rundir import LOCK, SET_ASIDE, RunLock, check_run_dir, read_metrics, restore_set_aside, stray_tmp_files
+from robustopt.tensors import load_tensors
 
 TRAIN = ["train", "--model", "mlp", "--subset", "300", "--epochs", "1", "--no-progress"]
 cli_app = importlib.import_module("robustopt.cli.app")

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from robustopt.data.datasets import Dataset, to_float
+from robustopt.loading import load_model
 from robustopt.models.zoo import build_model
-from robustopt.runs import load_model, load_tensors
+from robustopt.tensors import load_tensors
 from robustopt.threat.model import ThreatModel
 from robustopt.threat.perturb import perturb
 from robustopt.training.config import TrainConfig

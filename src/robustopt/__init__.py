@@ -6,22 +6,22 @@ Stability of Neural Nets through Robust Optimization* (arXiv 1511.05432), and it
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
 from robustopt.errors import CheckpointError, ConfigError, DataError, RobustoptError, RunDirError  # noqa: E402
+from robustopt.loading import load_model, load_pretrained  # noqa: E402
 from robustopt.models.zoo import Normalized  # noqa: E402
-from robustopt.pretrained import load_pretrained  # noqa: E402
-from robustopt.runs import load_model  # noqa: E402
 from robustopt.threat.model import ThreatModel  # noqa: E402
 from robustopt.threat.perturb import perturb, preserve_state  # noqa: E402
 from robustopt.training.config import TrainConfig  # noqa: E402
-from robustopt.training.loop import fit, train  # noqa: E402
+from robustopt.training.loop import FitSummary, fit  # noqa: E402
+from robustopt.training.named import train  # noqa: E402
 from robustopt.training.objectives import robust_loss  # noqa: E402
+from robustopt.version import __version__  # noqa: E402
 
 __all__ = [
     "CheckpointError",
     "ConfigError",
     "DataError",
+    "FitSummary",
     "Normalized",
     "RobustoptError",
     "RunDirError",

@@ -28,3 +28,8 @@ class CheckpointError(RobustoptError):
 
 class RunDirError(RobustoptError):
     """A run directory conflicts with what was asked (finished run, other configuration)."""
+
+
+def one_line(text: str) -> str:
+    """``text`` folded onto one line: every message a user sees is a single line."""
+    return " ".join(part.strip() for part in str(text).strip().splitlines() if part.strip())

@@ -1,4 +1,5 @@
-"""Reading untrusted files safely: regular files only, and never more bytes than a header justifies.
+"""Files: atomic writes (temp file, fsync, rename), and reading untrusted files safely: regular files only,
+and never more bytes than a header justifies.
 
 Every file robustopt reads (run directories, checkpoints, datasets) may have been hand-edited,
 truncated, replaced by a FIFO (``open`` would block forever) or symlinked to ``/dev/zero`` (a
@@ -10,15 +11,18 @@ the bytes actually there, and against the machine's memory, before anything is a
 
 from __future__ import annotations
 
+import json
 import os
 import stat
+import tempfile
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
-from robustopt.errors import RobustoptError
+from robustopt.errors import RobustoptError, RunDirError
 
 # deflate expands at most ~1032:1; a compressed member declaring more than this is a lie or a bomb
 MAX_DEFLATE_RATIO = 1100
+MAX_JSON_BYTES = 64 << 20  # config.json, summary.json, metrics.jsonl: kilobytes in practice
 
 
 def memory_bytes() -> int:
@@ -74,3 +78,39 @@ def check_declared_size(path: str | Path, declared: int, available: int, what: s
         raise RobustoptError(f"{path}: {what} declares {declared} bytes but only {available} are there; truncated or corrupt")
     if declared > memory_bytes():
         raise RobustoptError(f"{path}: {what} declares {declared} bytes, more than this machine's memory; is it the right file?")
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write via a temp file in the same directory, fsync, then rename over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual file mode
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(read_regular(path, MAX_JSON_BYTES).decode())
+    except FileNotFoundError:
+        raise RunDirError(f"{path} not found; is this a robustopt run directory?") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RunDirError(f"{path} is corrupt ({e}); re-run training with --overwrite") from None

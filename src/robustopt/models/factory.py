@@ -1,7 +1,7 @@
 """User architectures named as ``package.module:factory``.
 
 A run directory records the spec string (and the keyword arguments the factory was called
-with), so :func:`robustopt.runs.load_model` can rebuild the architecture in a fresh process
+with), so :func:`robustopt.load_model` can rebuild the architecture in a fresh process
 before loading the weights. The factory is any callable returning an ``nn.Module`` that takes
 inputs in the threat model's bounds (``[0, 1]`` by default) and returns logits.
 """
@@ -37,7 +37,7 @@ def import_factory(spec: str) -> Callable[..., Any]:
         sys.path.insert(0, cwd)
     try:
         obj: Any = importlib.import_module(module_name)
-    except Exception as e:  # noqa: BLE001 - any failure inside the user's module is theirs to see, in one line
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - any failure inside the user's module is theirs to see, in one line
         raise ConfigError(f"--model {spec}: cannot import {module_name!r} ({type(e).__name__}: {e}); check PYTHONPATH") from None
     for part in attr_path.split("."):
         if not hasattr(obj, part):
@@ -53,7 +53,7 @@ def build_from_spec(spec: str, kwargs: dict[str, Any] | None = None) -> nn.Modul
     factory = import_factory(spec)
     try:
         model = factory(**(kwargs or {}))
-    except Exception as e:  # noqa: BLE001 - the user's factory failing is a configuration problem
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - the user's factory failing (even by sys.exit) is a configuration problem
         raise ConfigError(f"--model {spec}: the factory raised {type(e).__name__}: {e}") from None
     if not isinstance(model, nn.Module):
         raise ConfigError(f"--model {spec}: the factory returned {type(model).__name__}, not a torch.nn.Module")

@@ -2,7 +2,7 @@
 
 Each model is a finished run directory under ``robustopt/pretrained/NAME/`` (``model.safetensors``,
 ``config.json``, ``metrics.jsonl``), trained by the recipe of the same name (``robustopt recipes NAME``).
-:func:`load_pretrained` returns it as :func:`robustopt.load_model` would: an ``nn.Module`` in eval mode that
+:func:`robustopt.load_pretrained` returns it as :func:`robustopt.load_model` would: an ``nn.Module`` in eval mode that
 takes ``[0, 1]`` inputs and returns logits; ``load_model("pretrained:NAME")`` is the same call.
 
     >>> from robustopt import load_pretrained
@@ -17,9 +17,6 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
-
-import torch
-from torch import nn
 
 from robustopt.errors import ConfigError
 
@@ -52,13 +49,4 @@ def resolve_run(run_dir: str | Path) -> Path:
     return pretrained_dir(text.removeprefix(PREFIX)) if text.startswith(PREFIX) else Path(run_dir)
 
 
-def load_pretrained(name: str, device: str | torch.device = "cpu", *, root: Path | None = None) -> nn.Module:
-    """The shipped model ``name`` in eval mode on ``device``: [0, 1] inputs (B, C, H, W) -> logits (B, K).
-
-    ``root`` (default: the package's ``pretrained/``) is where the named run directories live."""
-    from robustopt.runs import load_model
-
-    return load_model(pretrained_dir(name.removeprefix(PREFIX), root), device)
-
-
-__all__ = ["PREFIX", "list_pretrained", "load_pretrained", "pretrained_dir", "pretrained_root", "resolve_run"]
+__all__ = ["PREFIX", "list_pretrained", "pretrained_dir", "pretrained_root", "resolve_run"]

@@ -141,7 +141,7 @@ def examples_grid(
 def make_plots(results: dict[str, Any], out: Path, data: Dataset) -> list[str]:
     """Write the three PNGs into ``out``; returns their file names."""
     from robustopt.errors import CheckpointError
-    from robustopt.runs import load_tensors
+    from robustopt.tensors import load_tensors
 
     accuracy_vs_eps(results, out / "accuracy_vs_eps.png")
     minimal_cdf(results, out / "minimal_perturbations.png")

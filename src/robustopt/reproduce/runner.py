@@ -21,13 +21,15 @@ from typing import Any
 
 import torch
 
-from robustopt import __version__
 from robustopt.data.datasets import Dataset, load_dataset, to_float
 from robustopt.errors import RunDirError
+from robustopt.files import read_json, write_json
+from robustopt.loading import load_model
 from robustopt.reproduce.protocol import evaluate_net
 from robustopt.reproduce.schedule import Schedule, default_schedule, load_schedule
-from robustopt.runs import CONFIG, MODEL, SUMMARY, is_finished, load_model, read_json, write_json
+from robustopt.rundir import CONFIG, MODEL, SUMMARY, is_finished
 from robustopt.training.config import TrainConfig
+from robustopt.version import __version__
 
 __all__ = ["Schedule", "default_schedule", "load_schedule", "reproduce", "run_dir"]
 
@@ -41,20 +43,28 @@ def run_dir(out: Path, name: str) -> Path:
     return out / "runs" / name.replace("/", "-")
 
 
+def _as_recorded(cfg: TrainConfig) -> dict[str, Any]:
+    """``cfg``'s training keys as a run records them: the threat in pixels; augmentation only when it was asked for."""
+    keys = {**cfg.training_keys(), "norm": cfg.threat_norm, "eps": cfg.pixel_eps, "eps_units": "pixel"}
+    if cfg.augment is None:
+        keys.pop("augment")
+    return keys
+
+
 def ensure_trained(cfg: TrainConfig, where: Path, *, data_dir: Path | None, device: str | None, progress: bool, log: Log) -> str:
     """Train ``cfg`` into ``where`` unless it is finished there; resume an unfinished run. Returns what happened."""
-    from robustopt.training.loop import train
+    from robustopt.training.named import train
 
     if is_finished(where):
         saved = read_json(where / CONFIG).get("train", {})
-        diff = sorted(k for k, v in cfg.training_keys().items() if saved.get(k) != v)
+        diff = sorted(k for k, v in _as_recorded(cfg).items() if saved.get(k) != v)
         if diff:
             raise RunDirError(
                 f"{where} was trained with a different schedule ({', '.join(diff)}); use another --out or delete it"
             )
         return "reused"
     resume = (where / CONFIG).exists()
-    train(cfg, where, data_dir=data_dir, device=device, resume=resume, progress_bar=progress, log=log)
+    train(cfg, where, data_dir=data_dir, device=device, resume=resume, progress=progress, log=log)
     return "resumed" if resume else "trained"
 
 
@@ -151,7 +161,7 @@ def train_all(
     names = s.net_names()
     for i, name in enumerate(names, 1):
         cfg, where = s.train_config(name), run_dir(out, name + suffix)
-        radius = "" if cfg.method == "standard" else f" {cfg.norm} eps {cfg.pixel_eps:.4g} px"
+        radius = "" if cfg.method == "standard" else f" {cfg.threat_norm} eps {cfg.pixel_eps:.4g} px"
         log(f"[{i}/{len(names)}] {name}: {cfg.method}{radius}, {cfg.epochs} epoch(s), seed {cfg.seed} -> {where}")
         status = ensure_trained(cfg, where, data_dir=data_dir, device=device, progress=progress, log=log)
         summary = read_json(where / SUMMARY)
@@ -161,7 +171,7 @@ def train_all(
             "run_dir": str(where),
             "method": cfg.method,
             "model": cfg.model,
-            "norm": None if cfg.method == "standard" else cfg.norm,
+            "norm": None if cfg.method == "standard" else cfg.threat_norm,
             "pixel_eps": None if cfg.method == "standard" else cfg.pixel_eps,
             "epochs": cfg.epochs,
             "inner_steps": cfg.inner_steps,
@@ -187,7 +197,7 @@ def evaluate_all(
     """Evaluate every net (from the cache in ``out/eval`` when nothing changed); one transfer source per model and seed.
 
     The names of the nets evaluated now (not taken from the cache) are appended to ``fresh``."""
-    from robustopt.runs import save_tensors
+    from robustopt.tensors import save_tensors
 
     n = min(s.eval_n, len(data.y_test))
     x, y = to_float(data.x_test[:n]).to(dev), data.y_test[:n].to(dev)
@@ -236,8 +246,8 @@ def reproduce(
     """Train (or reuse) every net of ``schedule`` in ``out/runs``, once per seed, evaluate them all, write report.md,
     results.json and the PNGs into ``out``. Returns the results dict (as in results.json): each figure is the mean over
     the seeds, with its std under ``nets[name]["std"]`` when there are several."""
+    from robustopt.devices import pick_device
     from robustopt.reproduce import plots, report
-    from robustopt.training.loop import pick_device
 
     t0 = time.monotonic()
     dev = pick_device(device)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from robustopt.errors import CheckpointError
-from robustopt.runs import load_state_into, load_tensors, save_tensors, unwrap
+from robustopt.tensors import load_state_into, load_tensors, save_tensors, unwrap
 
 
 @dataclass

@@ -26,6 +26,7 @@ from robustopt.training.objectives import METHODS
 SCHEDULES = ("constant", "step", "multistep", "cosine", "onecycle")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 AMP_MODES = ("off", "bf16", "fp16")
+DEFAULT_NORM, DEFAULT_EPS = "linf", 0.1  # the CLI's threat when --norm / --eps are not given
 
 
 def parse_number(text: str | float | int, what: str = "value") -> float:
@@ -66,8 +67,8 @@ class TrainConfig:
     model: str = _opt("paper-mnist", "Built-in net (paper-mnist, paper-cifar, resnet18, mlp, wrn-D-W) or package.module:factory")
     model_kwargs: dict[str, Any] = _opt({}, "Keyword arguments for a package.module:factory model, as JSON", json=True)
     method: str = _opt("robust", f"Training objective: {' | '.join(METHODS)}")
-    norm: str = _opt("linf", "Threat model norm: linf | l2 | l1")
-    eps: float = _opt(0.1, "Radius ε, e.g. 0.3 or 8/255")
+    norm: str | None = _opt(None, "Threat model norm: linf | l2 | l1 [default: linf]")
+    eps: float | None = _opt(None, "Radius ε, e.g. 0.3 or 8/255 [default: 0.1]")
     eps_units: str = _opt("pixel", "pixel | standardized (the paper's units: ε·σ in pixels)")
     alpha: float | None = _opt(None, "Weight of the clean loss [default: 0.5 for goodfellow, else 0]")
     beta: float | None = _opt(None, "TRADES/MART weight of the robustness term [default: 6]")
@@ -107,10 +108,14 @@ class TrainConfig:
 
     # -- derived values -------------------------------------------------------------
     @property
+    def threat_norm(self) -> str:
+        return self.norm or DEFAULT_NORM
+
+    @property
     def pixel_eps(self) -> float:
         """ε in pixel units (standardised radii need a built-in dataset's σ; see :meth:`pixel_eps_for`)."""
         if self.eps_units == "pixel":
-            return float(self.eps)
+            return self.radius
         if self.data is not None or self.dataset not in STATS:
             raise ConfigError("--eps-units standardized needs a built-in --dataset (its σ is known); give ε in pixels")
         return self.pixel_eps_for(STATS[self.dataset][1])
@@ -118,8 +123,13 @@ class TrainConfig:
     def pixel_eps_for(self, std: tuple[float, ...] | list[float]) -> float:
         """ε in pixels for data of per-channel std ``std`` (the mean σ over channels)."""
         if self.eps_units == "pixel":
-            return float(self.eps)
-        return float(self.eps) * sum(std) / len(std)
+            return self.radius
+        return self.radius * sum(std) / len(std)
+
+    @property
+    def radius(self) -> float:
+        """ε as given (default 0.1), in ``eps_units``."""
+        return DEFAULT_EPS if self.eps is None else float(self.eps)
 
     @property
     def clean_weight(self) -> float:
@@ -152,7 +162,8 @@ class TrainConfig:
         if not isinstance(self.model_kwargs, dict):
             raise ConfigError(f"model-kwargs must be a table / JSON object, got {self.model_kwargs!r}")
         _choice("method", self.method, METHODS)
-        _choice("norm", self.norm, tuple(NORMS))
+        if self.norm is not None:
+            _choice("norm", self.norm, tuple(NORMS))
         _choice("eps-units", self.eps_units, ("pixel", "standardized"))
         _choice("schedule", self.schedule, SCHEDULES)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
@@ -171,7 +182,8 @@ class TrainConfig:
                 raise ConfigError(f"{flag.replace('_', '-')} must be true or false, got {getattr(self, flag)!r}")
 
     def _validate_numbers(self) -> None:
-        self.eps = _number("eps", self.eps, minimum=0.0)
+        if self.eps is not None:
+            self.eps = _number("eps", self.eps, minimum=0.0)
         for name, lo, hi, strict in (
             ("alpha", 0.0, 1.0, False),
             ("beta", 0.0, None, False),

@@ -1,207 +1,162 @@
-"""The training loop: :func:`fit` trains any model on any data; :func:`train` is its named-config layer.
+"""The training loop: :func:`fit` trains any model on any data, under one threat model.
 
 For every minibatch, :func:`robustopt.training.objectives.train_step` builds perturbed examples
 against the current weights and takes one optimiser step on their loss (Algorithm 1 of Shaham
-et al. and its relatives). This module owns everything around it: validation before anything
-is written, data order, augmentation, the learning-rate schedule, per-epoch clean and PGD
-accuracy, the best weights (Rice et al.), the fast-training guard (Wong et al.), checkpoints,
-exact resume and DDP.
+et al. and its relatives). Setup and validation live in :mod:`robustopt.training.setup`, the
+measurements in :mod:`robustopt.training.metrics`, the run directory's transaction in
+:class:`robustopt.rundir.RunDir`; this module owns the epochs: data order, augmentation, the
+learning-rate schedule, checkpoints, the best weights (Rice et al.) and the fast-training guard
+(Wong et al.).
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import gc
 import math
-import os
-import platform
+import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from robustopt import __version__
-from robustopt.data.augment import augment_batch, default_augment
-from robustopt.data.datasets import Dataset, load_dataset, to_float
-from robustopt.devices import pick_device
+from robustopt.data.augment import augment_batch
+from robustopt.data.datasets import to_float
 from robustopt.errors import ConfigError
-from robustopt.models.factory import build_from_spec, is_factory_spec
-from robustopt.models.zoo import build_model
-from robustopt.runs import (
-    BEST,
-    CHECKPOINT,
-    CONFIG,
-    MODEL,
-    SUMMARY,
-    RunLock,
-    check_out,
-    check_run_dir,
-    clean_stray_tmp,
-    drop_set_aside,
-    replace_run,
-    restore_set_aside,
-    save_model,
-    write_json,
-    write_metrics,
-)
+from robustopt.files import write_json
+from robustopt.rundir import BEST, CHECKPOINT, CONFIG, MODEL, SUMMARY, RunDir, write_metrics
+from robustopt.tensors import save_model
 from robustopt.threat.model import ThreatModel
-from robustopt.threat.perturb import perturb
 from robustopt.training import distributed as dist
-from robustopt.training.batches import (
-    Source,
-    TrainData,
-    as_source,
-    batches,
-    check_source,
-    eval_batches,
-    num_batches,
-    probe_num_classes,
-)
-from robustopt.training.checkpoint import Progress, load_checkpoint, save_checkpoint
-from robustopt.training.config import TrainConfig, make_config
+from robustopt.training.batches import TrainData, batches, num_batches
+from robustopt.training.checkpoint import load_checkpoint, save_checkpoint
+from robustopt.training.config import TrainConfig
+from robustopt.training.metrics import guard_accuracy, pgd_accuracy, source_accuracy
 from robustopt.training.monitor import Board, Log, epoch_line, make_bar, want_bar
-from robustopt.training.objectives import StepContext, make_objective, train_step
-from robustopt.training.schedules import build_optimizer, check_optimizer, lr_factor, set_scheduled_lr
-
-GUARD_N = 500  # held-out training examples of the fast-training guard (Wong et al.)
-
-
-@torch.no_grad()
-def accuracy(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device, info: dist.DistInfo | None = None
-) -> float:
-    """Clean accuracy of ``model`` on (x, y), sharded over ranks when distributed."""
-    return source_accuracy(model, Source(x, y), device, info or dist.DistInfo())
+from robustopt.training.objectives import train_step
+from robustopt.training.schedules import lr_factor, set_scheduled_lr
+from robustopt.training.setup import Run, build_step, guard_size, prepare, resolve_config
 
 
-@torch.no_grad()
-def source_accuracy(model: nn.Module, source: Source, device: torch.device, info: dist.DistInfo) -> float:
-    was_training = model.training
-    model.eval()
-    correct = seen = 0.0
-    for xb, yb in eval_batches(source, device, info):
-        correct += float((model(xb).argmax(1) == yb).sum())
-        seen += len(yb)
-    model.train(was_training)
-    correct, seen = dist.all_sum([correct, seen], device)
-    return correct / max(seen, 1.0)
+@dataclass(frozen=True)
+class FitSummary:
+    """What a finished :func:`fit` returns (and writes to ``out/summary.json``)."""
+
+    run_dir: str
+    epochs: int  # epochs trained (fewer than asked when the fast guard stopped the run)
+    test_acc: float | None  # clean accuracy on test_data after the last epoch
+    pgd_acc: float | None  # held-out PGD accuracy after the last epoch (eval_pgd > 0)
+    best_pgd_acc: float | None  # the best epoch's held-out PGD accuracy: best.safetensors
+    best_epoch: int | None
+    train_seconds: float
+    stopped_early_at: int | None  # the epoch the fast guard stopped at
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
-def pgd_accuracy(
-    model: nn.Module, source: Source, threat: ThreatModel, steps: int, device: torch.device, info: dist.DistInfo, seed: int
-) -> float:
-    """PGD-``steps`` accuracy (random start, step 2.5ε/steps) in eval mode, sharded over ranks.
-
-    Its generator is seeded per call (``seed``), never the training stream's, so watching
-    robust accuracy does not change the weights a run ends with."""
-    was = model.training
-    model.eval()
-    gen = torch.Generator(device=device).manual_seed(seed)
-    correct = seen = 0.0
-    for xb, yb in eval_batches(source, device, info):
-        x_adv = perturb(model, xb, yb, threat, steps=steps, random_start=True, generator=gen)
-        with torch.no_grad():
-            correct += float((model(x_adv).argmax(1) == yb).sum())
-        seen += len(yb)
-    model.train(was)
-    correct, seen = dist.all_sum([correct, seen], device)
-    return correct / max(seen, 1.0)
-
-
-def _guard_check(ctx: StepContext, held: tuple[torch.Tensor, torch.Tensor], device: torch.device) -> float:
-    """PGD-10 accuracy on held-out training examples: Wong et al.'s catastrophic-overfitting check."""
-    x, y = to_float(held[0]).to(device), held[1].to(device)
-    model = ctx.attack_model
-    was = model.training
-    model.eval()
-    x_adv = perturb(model, x, y, ctx.threat, steps=10, random_start=True, generator=ctx.generator)
-    with torch.no_grad():
-        acc = float((model(x_adv).argmax(1) == y).float().mean())
-    model.train(was)
-    total, ranks = dist.all_sum([acc, 1.0], device)  # random starts differ per rank; all must take the same decision
-    return total / ranks
-
-
-# ---------------------------------------------------------------------------- the run
-
-
-@dataclass
-class Run:
-    """Everything one training run holds, built and validated by :func:`_prepare` before any file is written."""
-
-    cfg: TrainConfig
-    out: Path
-    info: dist.DistInfo
-    device: torch.device
-    model: nn.Module  # the plain module (weights, attacks, evaluation)
-    ctx: StepContext  # the step: DDP/compiled model, optimiser, objective, generator
-    train: Source
-    test: Source | None
-    held: Source | None  # held-out training examples: per-epoch PGD accuracy and the fast guard
-    meta: dict[str, Any]
-    augment: bool
-    scheduler: Any = None
-    scheduler_interval: str = "epoch"
-    base_lrs: list[float] = field(default_factory=list)  # each group's lr before any schedule or resume
-    prog: Progress = field(default_factory=Progress)
-    log: Log = print
-    bar: bool = False
-    board: Board | None = None
+def stderr_log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def fit(
     model: nn.Module,
     train_data: TrainData,
+    threat: ThreatModel | None = None,
     *,
     out: str | Path,
     method: str | None = None,
-    threat: ThreatModel | None = None,
     epochs: int | None = None,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    steps: int | None = None,
+    beta: float | None = None,
+    augment: bool | None = None,
+    eval_pgd: int | None = None,
+    seed: int | None = None,
     test_data: TrainData | None = None,
+    config: TrainConfig | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     scheduler: Any = None,
     scheduler_interval: str = "epoch",
-    config: TrainConfig | None = None,
     device: str | None = None,
     resume: bool = False,
     overwrite: bool = False,
-    progress_bar: bool | None = None,
-    log: Log = print,
-    meta: dict[str, Any] | None = None,
-    **options: Any,
-) -> dict[str, Any]:
-    """Robustly train any ``model`` on any data into the run directory ``out``; returns the summary.
+    progress: bool | None = None,
+    log: Log | None = None,
+) -> FitSummary:
+    """Robustly train any ``model`` on any data under ``threat`` into the run directory ``out``.
 
     Args:
         model: an ``nn.Module`` taking inputs in ``threat.bounds`` (``[0, 1]`` by default) and returning
             logits (B, K); wrap a model that expects standardised inputs in :class:`robustopt.Normalized`.
         train_data, test_data: a pair of tensors ``(x, y)``, a ``Dataset`` of ``(x, y)`` or a ``DataLoader``;
-            any number of classes, images (C, H, W) or flat feature vectors.
-        method: ``standard, goodfellow, robust, pgd, fast, trades, mart`` or ``free``.
-        threat: the norm, ε and domain of the inner maximisation (and of ``eval_pgd``).
+            any number of classes, images (C, H, W) or flat feature vectors (D,).
+        threat: the norm, ε and domain of the inner maximisation (and of ``eval_pgd``); the one source of
+            the threat. ``None`` only with ``method="standard"``.
+        method: ``robust`` (the default given a threat: Algorithm 1), ``standard``, ``goodfellow``, ``pgd``,
+            ``fast``, ``trades``, ``mart`` or ``free``.
+        epochs, batch_size, lr, steps, beta, augment, eval_pgd, seed: the common options (:class:`TrainConfig`
+            documents each); every other one is a field of ``config``
+            (a :class:`TrainConfig`; leave its ``norm``/``eps`` unset, the threat is ``threat``).
         optimizer, scheduler: any torch optimiser and LR scheduler (``scheduler.step()`` is called every
             epoch, or every batch with ``scheduler_interval="batch"``); default: built from the config.
-        config: a :class:`TrainConfig` to start from; ``**options`` override its fields (``batch_size``,
-            ``lr``, ``beta``, ``steps``, ``augment``, ``eval_pgd``, ``amp``, ``seed``, ...).
         resume, overwrite: continue the unfinished run in ``out`` exactly, or replace what it holds.
+        progress: a progress bar (default: only on a terminal). log: where the log lines go (default: stderr).
 
     Returns:
-        The summary (also ``out/summary.json``): epochs, final test accuracy, best PGD accuracy, seconds.
+        A :class:`FitSummary` (also ``out/summary.json``).
+
+    Example:
+        >>> summary = fit(model, (x, y), ThreatModel("linf", 0.1), out="runs/A", epochs=2)
+        >>> summary.test_acc, summary.to_dict()
     """
-    cfg, threat = _resolve(config, method, threat, epochs, options)
-    dist_was_up = (
-        torch.distributed.is_available() and torch.distributed.is_initialized()
-    )  # a group the caller made is the caller's to destroy
-    run = _prepare(model, train_data, test_data, cfg, threat, out, optimizer, scheduler, scheduler_interval, device, meta or {})
-    run.log, run.bar = log, want_bar(progress_bar, run.info.is_main)
-    created_group = run.info.enabled and not dist_was_up
-    with RunLock(run.out) if run.info.is_main else contextlib.nullcontext():  # one writer per run directory
-        _open_run_dir(run, resume=resume, overwrite=overwrite)
-        _train_epochs(run)
+    keywords = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "steps": steps, "beta": beta, "augment": augment,
+                "eval_pgd": eval_pgd, "seed": seed}  # fmt: skip
+    cfg, threat = resolve_config(config, threat, method, keywords)
+    cfg = replace(cfg, model="custom", model_kwargs={})  # the architecture is the caller's object, not a name
+    options = {"optimizer": optimizer, "scheduler": scheduler, "scheduler_interval": scheduler_interval}
+    return run_fit(model, train_data, test_data, cfg, threat, out, options, device=device, resume=resume,
+                   overwrite=overwrite, progress=progress, log=log or stderr_log, meta={})  # fmt: skip
+
+
+def run_fit(
+    model: nn.Module,
+    train_data: TrainData,
+    test_data: TrainData | None,
+    cfg: TrainConfig,
+    threat: ThreatModel | None,
+    out: str | Path,
+    options: dict[str, Any],
+    *,
+    device: str | None,
+    resume: bool,
+    overwrite: bool,
+    progress: bool | None,
+    log: Log,
+    meta: dict[str, Any],
+) -> FitSummary:
+    """:func:`fit` after its arguments are resolved; :func:`robustopt.training.named.train` comes in here too."""
+    if options["scheduler_interval"] not in ("epoch", "batch"):
+        raise ConfigError(f"scheduler_interval must be 'epoch' or 'batch', got {options['scheduler_interval']!r}")
+    scheduler = options["scheduler"]
+    if scheduler is not None and not callable(getattr(scheduler, "step", None)):
+        raise ConfigError(f"scheduler must be a torch LR scheduler with .step(), got {type(scheduler).__name__}")
+    dist_was_up = torch.distributed.is_available() and torch.distributed.is_initialized()
+    run, _ = prepare(model, train_data, test_data, cfg, threat, out, device, meta)
+    run.ctx = build_step(run.cfg, run, threat, options["optimizer"])
+    run.scheduler, run.scheduler_interval = scheduler, options["scheduler_interval"]
+    run.base_lrs = [float(g["lr"]) for g in run.ctx.optimizer.param_groups]
+    run.log, run.bar = log, want_bar(progress, run.info.is_main)
+    run.board = Board(run.out) if run.cfg.tensorboard and run.info.is_main else None
+    if run.device.type == "cuda":
+        run.train = run.train.to(run.device)
+    created_group = run.info.enabled and not dist_was_up  # a group the caller made is the caller's to destroy
+    with RunDir(run.out, is_main=run.info.is_main, log=run.log) as rd:  # one writer per run directory
+        _open(run, rd, resume=resume, overwrite=overwrite)
+        _train_epochs(run, rd)
         summary = _finish(run)
     if run.info.enabled:  # the user's module leaves fit without DDP's hooks on its parameters
         _drop_ddp(run)
@@ -210,17 +165,42 @@ def fit(
     return summary
 
 
-def _train_epochs(run: Run) -> None:
+def first_line(run: Run) -> str:
+    """The run's first log line: the method, the threat, augmentation and the epochs, stated once."""
+    cfg, threat = run.cfg, run.meta.get("threat")
+    where = "no threat" if threat is None else f"{threat['norm']} ε={threat['eps']:g}"
+    return (
+        f"training {run.out}: method {cfg.method}, threat {where}, augmentation {'on' if cfg.augment else 'off'}, "
+        f"{cfg.epochs} epochs of {len(run.train)} examples, batch {cfg.batch_size}"
+    )
+
+
+def _open(run: Run, rd: RunDir, *, resume: bool, overwrite: bool) -> None:
+    """After every check has passed, holding the run's lock: replace, resume or start the run directory."""
+    do_resume = rd.open(run.keys, resume=resume, overwrite=overwrite)
+    if run.info.is_main:
+        run.log(first_line(run))
+    if do_resume and (run.out / CHECKPOINT).exists():
+        iters = num_batches(len(run.train), run.cfg.batch_size, run.info)
+        run.prog, run.ctx.state, _ = load_checkpoint(
+            run.out / CHECKPOINT, run.model, run.ctx.optimizer, run.ctx.generator, run.device, epochs=run.cfg.epochs,
+            batches_per_epoch=iters,
+        )  # fmt: skip
+        _replay_scheduler(run)
+        run.log(f"resuming {run.out} at epoch {run.prog.epoch + 1}, batch {run.prog.batch}")
+    rd.write_json(CONFIG, run.meta)
+
+
+@dist.collective_errors()  # a dead or stuck peer: one line, checkpoints kept (issue 16)
+def _train_epochs(run: Run, rd: RunDir) -> None:
     """The remaining epochs. A run that an ``--overwrite`` set aside is dropped after the first finished
     epoch, and given back if this run ends (error, Ctrl-C) before one."""
     try:
         while run.prog.epoch < run.cfg.epochs and not run.prog.extra.get("stopped"):
             _train_epoch(run)
-            if run.info.is_main:
-                drop_set_aside(run.out)  # the new run has a finished epoch to put in the old one's place
+            rd.epoch_done()
     except BaseException:
-        if run.info.is_main and restore_set_aside(run.out):
-            run.log(f"the new run ended before finishing an epoch; the previous run in {run.out} is restored")
+        rd.abort()
         raise
     finally:
         if run.board is not None:
@@ -240,218 +220,6 @@ def _drop_ddp(run: Run) -> None:
     gc.collect()
 
 
-def _resolve(
-    config: TrainConfig | None, method: str | None, threat: ThreatModel | None, epochs: int | None, options: dict[str, Any]
-) -> tuple[TrainConfig, ThreatModel]:
-    """The run's full configuration: ``config`` (or the defaults), then the keyword arguments."""
-    values = dataclasses.asdict(config) if config is not None else {}
-    if config is None and threat is None and method not in (None, "standard"):
-        raise ConfigError(f"fit(method={method!r}) needs threat=ThreatModel(norm, eps)")
-    if threat is not None and not isinstance(threat, ThreatModel):
-        raise ConfigError(f"threat must be a robustopt.ThreatModel, got {type(threat).__name__}")
-    if threat is not None and config is None:
-        values.update(norm=threat.norm, eps=threat.eps, eps_units="pixel")
-    values.setdefault("model", "custom")
-    for key, value in (("method", method), ("epochs", epochs)):
-        if value is not None:
-            values[key] = value
-    if config is None:
-        values.setdefault("method", "standard")
-    values.update(options)
-    cfg = make_config(values)
-    if threat is None:
-        threat = ThreatModel(cfg.norm, cfg.pixel_eps)
-    return cfg, threat
-
-
-def _prepare(
-    model: nn.Module,
-    train_data: TrainData,
-    test_data: TrainData | None,
-    cfg: TrainConfig,
-    threat: ThreatModel,
-    out: str | Path,
-    optimizer: torch.optim.Optimizer | None,
-    scheduler: Any,
-    scheduler_interval: str,
-    device: str | None,
-    meta: dict[str, Any],
-) -> Run:
-    """Validate model, data, optimiser and options, and build the step. Writes nothing."""
-    if not isinstance(model, nn.Module):
-        raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    out = check_out(out)
-    info, dev = _devices(cfg, device)
-    train_src, test_src = (
-        as_source(train_data, "train_data"),
-        as_source(test_data, "test_data") if test_data is not None else None,
-    )
-    model = model.to(dev)
-    k = probe_num_classes(model, train_src, dev, meta.get("num_classes"))
-    check_source(train_src, threat, k, "train_data")
-    if test_src is not None:
-        check_source(test_src, threat, k, "test_data")
-    input_shape = tuple(train_src.take(torch.arange(1))[0].shape[1:])
-    threat.check_fits(input_shape)
-    augment = _augment_choice(cfg, meta, input_shape)
-    train_src, held = _hold_out(cfg, train_src)
-    if scheduler_interval not in ("epoch", "batch"):
-        raise ConfigError(f"scheduler_interval must be 'epoch' or 'batch', got {scheduler_interval!r}")
-    if scheduler is not None and not callable(getattr(scheduler, "step", None)):
-        raise ConfigError(f"scheduler must be a torch LR scheduler with .step(), got {type(scheduler).__name__}")
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if cfg.sync_bn and info.enabled:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    ctx = _step_context(cfg, model, threat, optimizer, info, dev)
-    meta = _metadata(cfg, meta, threat, k, input_shape, dev, info)
-    board = Board(out) if cfg.tensorboard and info.is_main else None
-    if dev.type == "cuda":
-        train_src = train_src.to(dev)
-    base_lrs = [float(g["lr"]) for g in ctx.optimizer.param_groups]
-    return Run(
-        cfg, out, info, dev, model, ctx, train_src, test_src, held, meta, augment, scheduler, scheduler_interval, base_lrs,
-        board=board,
-    )  # fmt: skip
-
-
-def _devices(cfg: TrainConfig, device: str | None) -> tuple[dist.DistInfo, torch.device]:
-    info = dist.from_env()
-    dev = pick_device(device)
-    if info.enabled and dev.type == "cuda":
-        dev = torch.device("cuda", info.local_rank)
-        torch.cuda.set_device(dev)
-    if cfg.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS is deterministic only with a fixed workspace
-        torch.backends.cudnn.benchmark = False
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    return info, dev
-
-
-def _augment_choice(cfg: TrainConfig, meta: dict[str, Any], input_shape: tuple[int, ...]) -> bool:
-    augment = bool(meta.get("augment_default", False)) if cfg.augment is None else cfg.augment
-    if augment and len(input_shape) != 3:
-        raise ConfigError(f"--augment needs image inputs (C, H, W); the data has shape {input_shape}; use --no-augment")
-    return augment
-
-
-def _hold_out(cfg: TrainConfig, source: Source) -> tuple[Source, Source | None]:
-    """Hold out the last training examples: ``eval_pgd`` for per-epoch PGD accuracy, and for ``fast`` its guard's
-    500 (a quarter of the data when there are 1000 or fewer)."""
-    if cfg.eval_pgd and len(source) <= 2 * cfg.eval_pgd:
-        raise ConfigError(
-            f"holding out {cfg.eval_pgd} examples for the per-epoch PGD check needs more than {2 * cfg.eval_pgd} training "
-            f"examples, the data has {len(source)}; lower --eval-pgd or use more data"
-        )
-    n = max(cfg.eval_pgd, guard_size(len(source)) if cfg.method == "fast" else 0)
-    return (source, None) if n == 0 else source.split(n)
-
-
-def guard_size(n: int) -> int:
-    """Examples the fast-training guard holds out of n training examples."""
-    return GUARD_N if n > 2 * GUARD_N else max(1, n // 4)
-
-
-def _step_context(
-    cfg: TrainConfig,
-    model: nn.Module,
-    threat: ThreatModel,
-    optimizer: torch.optim.Optimizer | None,
-    info: dist.DistInfo,
-    dev: torch.device,
-) -> StepContext:
-    if optimizer is None:
-        optimizer = build_optimizer(cfg, model)
-    check_optimizer(optimizer, model)
-    generator = torch.Generator(device=dev).manual_seed(cfg.seed * 1000 + info.rank)
-    torch.manual_seed(cfg.seed * 1000 + info.rank + 1)  # dropout: different per rank, fixed per seed
-    outer: nn.Module = model
-    if info.enabled:
-        dist.setup(info, dev)
-        outer = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
-    if cfg.compile:
-        outer = torch.compile(outer)
-    return context_for(cfg, outer, model, optimizer, threat, generator)
-
-
-def context_for(
-    cfg: TrainConfig,
-    outer: nn.Module,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    threat: ThreatModel,
-    generator: torch.Generator,
-) -> StepContext:
-    """The step context of ``cfg``: its objective, AMP mode and options, wired to the given modules."""
-    step_size = cfg.step_size if cfg.step_size is not None else (threat.eps if cfg.method == "free" else None)
-    objective = make_objective(cfg.method, threat, alpha=cfg.alpha, beta=cfg.beta, steps=cfg.steps, step_size=step_size)
-    amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]
-    device_type = next(model.parameters()).device.type
-    scaler = torch.amp.GradScaler(device_type) if cfg.amp == "fp16" else None
-    return StepContext(outer, model, optimizer, threat, objective, generator, cfg.replays, amp_dtype, scaler, cfg.grad_clip)
-
-
-def _metadata(
-    cfg: TrainConfig,
-    meta: dict[str, Any],
-    threat: ThreatModel,
-    k: int,
-    input_shape: tuple[int, ...],
-    dev: torch.device,
-    info: dist.DistInfo,
-) -> dict[str, Any]:
-    """config.json: what load_model needs to rebuild the net, the threat, every training argument, versions."""
-    import numpy
-    import safetensors
-
-    return {
-        "model": cfg.model,
-        "model_kwargs": cfg.model_kwargs,
-        "dataset": meta.get("dataset", cfg.data or "custom"),
-        "kind": meta.get("kind", "tensors"),
-        "class_names": meta.get("class_names"),
-        "num_classes": k,
-        "input_shape": list(input_shape),
-        "normalization": meta.get("normalization"),
-        "threat": {"norm": threat.norm, "eps": threat.eps, "bounds": list(threat.bounds)},
-        "pixel_eps": threat.eps,
-        "train": dataclasses.asdict(cfg),
-        "device": str(dev),
-        "world_size": info.world_size,
-        "versions": {
-            "robustopt": __version__,
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "numpy": numpy.__version__,
-            "safetensors": safetensors.__version__,
-        },
-    }
-
-
-# ---------------------------------------------------------------------------- run directory
-
-
-def _open_run_dir(run: Run, *, resume: bool, overwrite: bool) -> None:
-    """After every check has passed, holding the run's lock: replace, resume or start the run directory."""
-    if run.info.is_main:
-        if restore_set_aside(run.out):  # a killed --overwrite: its new run never finished an epoch
-            run.log(f"restored the previous run that an interrupted --overwrite had set aside in {run.out}")
-        do_resume = check_run_dir(run.out, run.cfg.training_keys(), resume=resume, overwrite=overwrite)
-        replace_run(run.out) if overwrite else clean_stray_tmp(run.out)
-    else:
-        do_resume = resume
-    if do_resume and (run.out / CHECKPOINT).exists():
-        iters = num_batches(len(run.train), run.cfg.batch_size, run.info)
-        run.prog, run.ctx.state, _ = load_checkpoint(
-            run.out / CHECKPOINT, run.model, run.ctx.optimizer, run.ctx.generator, run.device, epochs=run.cfg.epochs,
-            batches_per_epoch=iters,
-        )  # fmt: skip
-        _replay_scheduler(run)
-        run.log(f"resuming {run.out} at epoch {run.prog.epoch + 1}, batch {run.prog.batch}")
-    if run.info.is_main:
-        write_json(run.out / CONFIG, run.meta)
-
-
 def _replay_scheduler(run: Run) -> None:
     """A user's scheduler object is a function of how often it stepped: step it as often again."""
     if run.scheduler is not None:
@@ -462,17 +230,8 @@ def _replay_scheduler(run: Run) -> None:
 def _checkpoint(run: Run) -> None:
     if run.info.is_main:
         save_checkpoint(
-            run.out / CHECKPOINT,
-            run.model,
-            run.ctx.optimizer,
-            run.ctx.generator,
-            run.ctx.state,
-            run.prog,
-            run.cfg.training_keys(),
+            run.out / CHECKPOINT, run.model, run.ctx.optimizer, run.ctx.generator, run.ctx.state, run.prog, run.keys
         )
-
-
-# ---------------------------------------------------------------------------- epochs
 
 
 def _train_epoch(run: Run) -> None:
@@ -568,7 +327,8 @@ def _fast_guard(run: Run, row: dict[str, Any]) -> None:
     cfg, prog, ctx = run.cfg, run.prog, run.ctx
     held = run.held.head(guard_size(len(run.train) + len(run.held)))  # type: ignore[union-attr, arg-type]
     assert held.x is not None and held.y is not None, "the guard holds its examples in memory"
-    row["guard_pgd_acc"] = _guard_check(ctx, (held.x, held.y), run.device)
+    x, y = to_float(held.x).to(run.device), held.y.to(run.device)
+    row["guard_pgd_acc"] = guard_accuracy(ctx.attack_model, ctx.threat, x, y, ctx.generator)
     best = prog.extra.get("best_guard", -1.0)
     if row["guard_pgd_acc"] >= best:
         prog.extra["best_guard"] = row["guard_pgd_acc"]
@@ -584,74 +344,19 @@ def _fast_guard(run: Run, row: dict[str, Any]) -> None:
             row["test_acc"] = source_accuracy(run.model, run.test, run.device, run.info)  # of the restored weights
 
 
-def _finish(run: Run) -> dict[str, Any]:
+def _finish(run: Run) -> FitSummary:
     history = run.prog.history
-    summary = {
-        "epochs": run.prog.epoch,
-        "test_acc": history[-1]["test_acc"] if history else None,
-        "pgd_acc": history[-1].get("pgd_acc") if history else None,
-        "best_pgd_acc": run.prog.extra.get("best_pgd_acc"),
-        "best_epoch": run.prog.extra.get("best_epoch"),
-        "train_seconds": sum(r["seconds"] for r in history),
-        "stopped_early_at": run.prog.extra.get("stopped"),
-    }
+    summary = FitSummary(
+        run_dir=str(run.out),
+        epochs=run.prog.epoch,
+        test_acc=history[-1]["test_acc"] if history else None,
+        pgd_acc=history[-1].get("pgd_acc") if history else None,
+        best_pgd_acc=run.prog.extra.get("best_pgd_acc"),
+        best_epoch=run.prog.extra.get("best_epoch"),
+        train_seconds=sum(r["seconds"] for r in history),
+        stopped_early_at=run.prog.extra.get("stopped"),
+    )
     if run.info.is_main:
-        write_json(run.out / SUMMARY, summary)
+        write_json(run.out / SUMMARY, summary.to_dict())
     dist.barrier()
     return summary
-
-
-# ---------------------------------------------------------------------------- named configurations
-
-
-def train(
-    cfg: TrainConfig,
-    out: str | Path,
-    *,
-    data_dir: str | Path | None = None,
-    device: str | None = None,
-    resume: bool = False,
-    overwrite: bool = False,
-    progress_bar: bool | None = None,
-    log: Log = print,
-) -> dict[str, Any]:
-    """Train the model and data a :class:`TrainConfig` names (built-in, factory or file) with :func:`fit`.
-
-    Returns the summary dict (also written to ``out/summary.json``).
-    """
-    data = load_dataset(cfg.data or cfg.dataset, data_dir).subset(cfg.subset)
-    threat = ThreatModel(cfg.norm, cfg.pixel_eps_for(data.std))
-    torch.manual_seed(cfg.seed)  # the initial weights
-    model = build_net(cfg.model, cfg.model_kwargs, data)
-    meta = {
-        "dataset": data.name,  # a built-in name, or the absolute path of the user's data
-        "num_classes": data.num_classes,
-        "normalization": {"mean": list(data.mean), "std": list(data.std)},
-        "augment_default": default_augment(data.kind),  # on for CIFAR and image folders, off for MNIST-like data
-        "kind": data.kind,
-        "class_names": list(data.class_names) if data.class_names else None,
-    }
-    test = (data.x_test[: cfg.test_subset], data.y_test[: cfg.test_subset])  # [:None] is all of them
-    return fit(
-        model,
-        (data.x_train, data.y_train),
-        out=out,
-        threat=threat,
-        test_data=test,
-        config=cfg,
-        device=device,
-        resume=resume,
-        overwrite=overwrite,
-        progress_bar=progress_bar,
-        log=log,
-        meta=meta,
-    )
-
-
-def build_net(name: str, kwargs: dict[str, Any], data: Dataset) -> nn.Module:
-    """A built-in architecture for ``data``, or the user's ``package.module:factory``."""
-    if is_factory_spec(name):
-        return build_from_spec(name, kwargs)
-    if kwargs:
-        raise ConfigError(f"--model-kwargs is only for package.module:factory models, not the built-in {name!r}")
-    return build_model(name, mean=data.mean, std=data.std, num_classes=data.num_classes, input_shape=data.input_shape)

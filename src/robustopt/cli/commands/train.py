@@ -85,7 +85,7 @@ def _parse_flag(name: str, text: Any) -> Any:
 def train_command(**kwargs: Any) -> None:
     """Train a classifier by robust optimisation (Algorithm 1 and its relatives) into a run directory."""
     from robustopt.recipes import resolve  # a recipe name or a TOML path
-    from robustopt.training.loop import train
+    from robustopt.training.named import train
 
     config: Path | None = kwargs.pop("config")
     flags = {k: _parse_flag(k, v) for k, v in kwargs.items() if k in CONFIG_KEYS and v is not None}
@@ -94,7 +94,7 @@ def train_command(**kwargs: Any) -> None:
     runtime = _runtime_keys(values)
     cfg = make_config(values)
     out = kwargs["out"] if kwargs["out"] is not None else runtime.get("out")
-    run_dir = Path(out) if out is not None else Path("runs") / f"{cfg.method}-{cfg.norm}"
+    run_dir = Path(out) if out is not None else Path("runs") / f"{cfg.method}-{cfg.threat_norm}"
     train(
         cfg,
         run_dir,
@@ -102,7 +102,7 @@ def train_command(**kwargs: Any) -> None:
         device=kwargs["device"] or runtime.get("device"),
         resume=kwargs["resume"] or bool(runtime.get("resume")),
         overwrite=kwargs["overwrite"] or bool(runtime.get("overwrite")),
-        progress_bar=kwargs["progress"],
+        progress=kwargs["progress"],
     )
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
         typer.echo(f"saved {run_dir}")
