@@ -138,7 +138,8 @@ def _bound_batches(
             xb, yb = x[i : i + batch_size], y[i : i + batch_size]
             logits = model(xb)
             if int(yb.max()) >= logits.shape[1] or int(yb.min()) < 0:
-                raise DataError(f"certify: labels must be in [0, {logits.shape[1] - 1}] for a model with {logits.shape[1]} outputs")
+                k = logits.shape[1]
+                raise DataError(f"certify: labels must be in [0, {k - 1}] for a model with {k} outputs")
             m = margin_bounds(model, xb, yb, threat, method, slope)
             margins.append(m.scatter(1, yb[:, None], math.inf))
             correct.append(logits.argmax(1) == yb)

@@ -90,7 +90,8 @@ class LinearOp(Affine):
 class ConvOp(Affine):
     def __init__(self, m: nn.Conv2d, in_shape: tuple[int, ...]) -> None:
         if m.padding_mode != "zeros" or isinstance(m.padding, str):
-            raise ConfigError(f"certify: Conv2d with padding {m.padding!r}/{m.padding_mode!r} is not supported; use integer zero padding")
+            what = f"padding {m.padding!r}/{m.padding_mode!r}"
+            raise ConfigError(f"certify: Conv2d with {what} is not supported; use integer zero padding")
         self.weight, self.bias, self.in_shape = m.weight, m.bias, in_shape
         self.kw = {"stride": m.stride, "padding": m.padding, "dilation": m.dilation, "groups": m.groups}
 
