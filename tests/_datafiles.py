@@ -12,6 +12,10 @@ corrupted in milliseconds. Layouts follow the formats' specifications:
 from __future__ import annotations
 
 import gzip
+import io
+import struct
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -106,3 +110,46 @@ def write_image_folder(root: Path, images: dict[str, list[np.ndarray]], ext: str
             Image.fromarray(img).save(path)
             out[cls].append(path)
     return out
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_header_only(path: Path, width: int, height: int) -> Path:
+    """A PNG whose header says ``width``×``height`` 8-bit grayscale, with no pixel data: it can be probed, not decoded."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    chunks = _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", zlib.compress(b"")) + _png_chunk(b"IEND", b"")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunks)
+    return path
+
+
+def write_zip_npz(path: Path, arrays: dict[str, np.ndarray], compress: bool = True) -> Path:
+    """An ``.npz`` written member by member with zipfile (no zip64 fields), so its headers can be patched."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    method = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
+    with zipfile.ZipFile(path, "w", compression=method) as z:
+        for name, arr in arrays.items():
+            buf = io.BytesIO()
+            np.lib.format.write_array(buf, np.asarray(arr), allow_pickle=False)
+            z.writestr(f"{name}.npy", buf.getvalue())
+    return path
+
+
+def patch_zip_member(path: Path, member: str, *, file_size: int | None = None, encrypted: bool = False) -> Path:
+    """Rewrite a member's declared uncompressed size and/or set its "encrypted" flag in both zip headers."""
+    raw, name, pos = bytearray(path.read_bytes()), member.encode(), 0
+    while (pos := raw.find(b"PK\x01\x02", pos)) != -1:
+        n = struct.unpack_from("<H", raw, pos + 28)[0]
+        if raw[pos + 46 : pos + 46 + n] == name:
+            local = struct.unpack_from("<I", raw, pos + 42)[0]
+            if file_size is not None:
+                struct.pack_into("<I", raw, pos + 24, file_size)
+                struct.pack_into("<I", raw, local + 22, file_size)
+            if encrypted:
+                raw[pos + 8] |= 1
+                raw[local + 6] |= 1
+        pos += 4
+    path.write_bytes(bytes(raw))
+    return path

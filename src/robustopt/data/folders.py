@@ -38,7 +38,7 @@ import numpy as np
 
 from robustopt.data.formats import read_npz
 from robustopt.data.locations import cache_dir, shown
-from robustopt.data.validation import check_data_bytes, check_image_pixels
+from robustopt.data.validation import MAX_IMAGE_PIXELS, check_data_bytes, check_image_pixels
 from robustopt.errors import DataError, RobustoptError
 from robustopt.files import open_regular
 
@@ -139,12 +139,16 @@ def _open_image(path: Path):  # noqa: ANN202 - a PIL.Image.Image; Pillow is impo
 
 def _probe(files: list[Path]) -> tuple[tuple[int, int], int]:
     """(width, height) shared by all images and the channel count (1 if all are grayscale, else 3), from headers only."""
+    from PIL import Image
+
     size, gray = None, True
     for f in files:
         try:
             with _open_image(f) as im:
                 im_size, mode = im.size, im.mode
-        except Exception as e:  # noqa: BLE001 - Pillow raises many types (OSError, SyntaxError, bomb warnings) on bad files
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:  # Pillow's own, larger limit
+            raise DataError(f"{shown(f)}: image too large ({e}); the limit is {MAX_IMAGE_PIXELS:,} pixels, resize it") from None
+        except Exception as e:  # noqa: BLE001 - Pillow raises many types (OSError, SyntaxError, ...) on bad files
             raise DataError(f"{shown(f)}: not a readable image ({type(e).__name__}: {e}); remove or replace it") from None
         check_image_pixels(shown(f), *im_size)
         if size is None:
