@@ -81,15 +81,17 @@ def fingerprint(data: Any, path: str | Path | None = None) -> dict[str, Any]:
 def check_same_data(recorded: Mapping[str, Any] | None, current: Mapping[str, Any], where: str = "--resume") -> None:
     """Refuse when ``current`` (a :func:`fingerprint`) differs from the one a run recorded.
 
-    Fields missing on either side (an older run, data that cannot be hashed) are not compared;
-    ``recorded`` None (a run from before fingerprints) passes.
+    The contents decide: the same bytes at another path pass, and ``source`` is compared only when
+    either side has no content hash. Fields missing on either side (an older run, data that cannot
+    be hashed) are not compared; ``recorded`` None (a run from before fingerprints) passes.
     """
     if recorded is None:
         return
     if not isinstance(recorded, Mapping):
         raise DataError(f"{where}: the run's recorded data fingerprint is not an object ({type(recorded).__name__}); edited?")
     changed = []
-    for key in ("source", "n_train", "n_test", "input_shape", "num_classes", "sha256"):
+    hashed = recorded.get("sha256") is not None and current.get("sha256") is not None
+    for key in ("n_train", "n_test", "input_shape", "num_classes", "sha256") if hashed else ("source", "n_train"):
         old, new = recorded.get(key), current.get(key)
         if old is not None and new is not None and old != new:
             show = (lambda v: f"{v[:12]}…") if key == "sha256" and isinstance(old, str) and isinstance(new, str) else str
