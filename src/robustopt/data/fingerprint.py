@@ -1,6 +1,6 @@
 """What data a run trained on: a content hash to record in ``config.json`` and to compare on ``--resume``.
 
-:func:`fingerprint` hashes the bytes (with dtype and shape) of every tensor of the data, so two data
+:func:`data_fingerprint` hashes the bytes (with dtype and shape) of every tensor of the data, so two data
 sets with the same path but other contents, more examples or new labels get different hashes;
 :func:`check_same_data` compares a recorded fingerprint with the current one and refuses, in one
 line, when they differ. Hashing is sha256 over blocks of examples (no full copy of the data): a
@@ -48,7 +48,7 @@ def _pair_fingerprint(x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
     }
 
 
-def fingerprint(data: Any, path: str | Path | None = None) -> dict[str, Any]:
+def data_fingerprint(data: Any, path: str | Path | None = None) -> dict[str, Any]:
     """A JSON-ready description of ``data`` that changes whenever its contents do.
 
     Args:
@@ -79,7 +79,7 @@ def fingerprint(data: Any, path: str | Path | None = None) -> dict[str, Any]:
 
 
 def check_same_data(recorded: Mapping[str, Any] | None, current: Mapping[str, Any], where: str = "--resume") -> None:
-    """Refuse when ``current`` (a :func:`fingerprint`) differs from the one a run recorded.
+    """Refuse when ``current`` (a :func:`data_fingerprint`) differs from the one a run recorded.
 
     The contents decide: the same bytes at another path pass, and ``source`` is compared only when
     either side has no content hash. Fields missing on either side (an older run, data that cannot
