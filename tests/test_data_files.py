@@ -401,6 +401,8 @@ def test_user_npz_class_names_and_constant_channel(tmp_path: Path) -> None:
         ({"x_train": np.zeros((40, 7), np.int64)}, "must be uint8 .* or float in \\[0, 1\\], got dtype int64"),
         ({"x_test": np.zeros((10, 8), np.float32)}, "examples have different shapes"),
         ({"x_test": np.zeros((0, 7), np.float32), "y_test": np.zeros(0, np.int64)}, "x_test: no examples"),
+        ({"x_train": np.zeros((0, 7), np.float32), "y_train": np.zeros(0, np.int64)}, "x_train: no examples"),
+        ({"y_train": np.arange(40) % 5 + 10**9}, "K = 1,000,000,005 classes, more than the limit of 100,000"),
         ({"x_train": np.zeros((40, 1, 2, 3, 4), np.uint8)}, r"inputs have shape \(40, 1, 2, 3, 4\)"),
     ],
 )

@@ -137,6 +137,9 @@ def user_dataset(
         raise DataError(f"{where}: examples have different shapes ({shapes}); they must match")
     y_train, y_test = np.asarray(arrays["y_train"]), np.asarray(arrays["y_test"])
     sizes = (len(xs["train"]), len(xs["test"]))
+    for split, n in zip(("train", "test"), sizes, strict=True):
+        if n == 0:
+            raise DataError(f"{where} x_{split}: no examples")
     k = user_class_count(y_train, y_test, sizes, where, len(class_names) if class_names else None)
     x_train, x_test = input_tensor(xs["train"], f"{where} x_train"), input_tensor(xs["test"], f"{where} x_test")
     mean, std = channel_stats(x_train)
