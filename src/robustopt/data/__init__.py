@@ -1,4 +1,4 @@
-"""Data, one job per module (imports point down this list, never up; no import inside a function):
+"""Data, one job per module (imports point down this list, never up; no robustopt import inside a function):
 
 * :mod:`~robustopt.data.locations`: where files live (lookup directories, the user cache, bundled MNIST);
 * :mod:`~robustopt.data.validation`: checks of arrays, labels and shapes, and the stated size limits;
