@@ -15,7 +15,7 @@ from robustopt.evaluation.attacks import ATTACKS, deepfool, fgsm, lbfgs, pgd, ru
 from robustopt.evaluation.attacks._common import predict
 from robustopt.evaluation.attacks.apgd import checkpoints
 from robustopt.evaluation.attacks.losses import dlr_loss, margin
-from robustopt.runs import load_model
+from robustopt.loading import load_model
 from robustopt.threat.model import ThreatModel
 
 BOUNDED = ["fgsm", "fgm", "pgd", "bim", "apgd-ce", "apgd-dlr", "square", "auto", "autoattack", "fab-t"]
@@ -60,7 +60,7 @@ def test_minimal_attacks_stay_in_the_box_and_run_attack_projects_them(name, tiny
     model, threat = tiny_net().eval(), ThreatModel("l2", 0.05)
     raw = ATTACKS[name](model, x, y, threat, **FAST[name])
     assert raw.min() >= 0 and raw.max() <= 1
-    out = run_attack(name, model, x, y, threat, **FAST[name])
+    out = run_attack(model, x, y, threat, name, **FAST[name])
     assert bool(threat.contains(out, x, atol=1e-5).all())
 
 
@@ -71,7 +71,7 @@ def test_attacks_never_change_modes_or_weights(name, tiny_batch):
     model[2].eval()  # mixed modes: the hardest to restore (BatchNorm in eval mode: subsets may hold one example)
     modes = [m.training for m in model.modules()]
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    run_attack(name, model, x, y, ThreatModel("linf", 0.1), generator=torch.Generator().manual_seed(0), **FAST.get(name, {}))
+    run_attack(model, x, y, ThreatModel("linf", 0.1), name, generator=torch.Generator().manual_seed(0), **FAST.get(name, {}))
     assert [m.training for m in model.modules()] == modes
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.requires_grad and p.grad is None for p in model.parameters())
@@ -82,7 +82,7 @@ def test_full_batch_attacks_leave_train_mode_batchnorm_statistics_alone(name, ti
     x, y = tiny_batch
     model = tiny_net().train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    run_attack(name, model, x, y, ThreatModel("l2", 0.5), generator=torch.Generator().manual_seed(0), **FAST.get(name, {}))
+    run_attack(model, x, y, ThreatModel("l2", 0.5), name, generator=torch.Generator().manual_seed(0), **FAST.get(name, {}))
     assert model.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
@@ -130,7 +130,7 @@ def test_deepfool_on_a_linear_model_finds_the_exact_distance_to_the_boundary(nor
         f = z - z.gather(1, y[:, None])  # (B, K)
         wd = w[None, :, :] - w[y][:, None, :]  # (B, K, D)
         dist = (f.abs() / torch.linalg.vector_norm(wd, ord=dual, dim=2)).scatter(1, y[:, None], math.inf).min(1).values
-    x_adv = deepfool(model, x, y, norm=norm, overshoot=0.0)
+    x_adv = deepfool(model, x, y, ThreatModel(norm, 100.0), overshoot=0.0)
     found = ThreatModel(norm, 1.0).norm_of(x_adv - x)
     assert bool((predict(model, x_adv) != y).all())
     assert torch.allclose(found, dist, rtol=1e-3, atol=1e-3)
@@ -149,10 +149,10 @@ def test_stronger_attacks_reach_lower_accuracy_on_real_mnist(std_model, mnist_te
     x, y = mnist_test_batch[0][:100], mnist_test_batch[1][:100]
     threat, g = ThreatModel("linf", 0.1), torch.Generator().manual_seed(0)
     clean = predict(std_model, x) == y
-    a_fgsm = _acc(std_model, run_attack("fgsm", std_model, x, y, threat), y, clean)
-    a_pgd = _acc(std_model, run_attack("pgd", std_model, x, y, threat, steps=20, generator=g), y, clean)
+    a_fgsm = _acc(std_model, run_attack(std_model, x, y, threat, "fgsm"), y, clean)
+    a_pgd = _acc(std_model, run_attack(std_model, x, y, threat, "pgd", steps=20, generator=g), y, clean)
     a_auto = _acc(
-        std_model, run_attack("auto", std_model, x, y, threat, steps=20, n_targets=2, queries=50, generator=g), y, clean
+        std_model, run_attack(std_model, x, y, threat, "auto", steps=20, n_targets=2, queries=50, generator=g), y, clean
     )
     a_clean = float(clean.float().mean())
     assert a_clean > 0.85 and a_fgsm < a_clean and a_pgd <= a_fgsm and a_auto <= a_pgd + 0.01
@@ -160,7 +160,7 @@ def test_stronger_attacks_reach_lower_accuracy_on_real_mnist(std_model, mnist_te
 
 def test_deepfool_flips_the_label_of_real_mnist_images(std_model, mnist_test_batch):
     x, y = mnist_test_batch[0][:50], mnist_test_batch[1][:50]
-    x_adv = deepfool(std_model, x, y, norm="l2")
+    x_adv = deepfool(std_model, x, y, ThreatModel("l2", 100.0))
     clean = predict(std_model, x) == y
     assert bool((predict(std_model, x_adv) != y).all())
     assert bool(torch.equal(x_adv[~clean], x[~clean]))  # already wrong: unchanged
@@ -183,7 +183,7 @@ def test_lbfgs_finds_smaller_l2_perturbations_than_fgm(std_model, mnist_test_bat
     keep = predict(std_model, x) == y
     x, y = x[keep], y[keep]
     d_fgm = _fgm_minimal_l2(std_model, x, y, torch.linspace(0.1, 12.0, 120))
-    x_lb = lbfgs(std_model, x, y, search_steps=5, max_iter=60)
+    x_lb = lbfgs(std_model, x, y, ThreatModel("l2", 100.0), search_steps=5, steps=60)
     d_lb = torch.where(predict(std_model, x_lb) != y, (x_lb - x).flatten(1).norm(dim=1), torch.tensor(math.inf))
     both = torch.isfinite(d_fgm) & torch.isfinite(d_lb)
     assert both.float().mean() >= 0.8 and torch.isfinite(d_lb).sum() >= torch.isfinite(d_fgm).sum()

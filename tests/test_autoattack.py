@@ -7,11 +7,10 @@ import torch
 from torch import nn
 
 from robustopt.evaluation.attacks import run_attack
-from robustopt.evaluation.attacks._common import predict
-from robustopt.evaluation.attacks.auto import cascade
+from robustopt.evaluation.attacks._common import cascade, predict
 from robustopt.evaluation.attacks.autoattack import COMPONENTS, autoattack, standard_components
 from robustopt.evaluation.attacks.fab import fab_run, hyperplane_step
-from robustopt.runs import load_model
+from robustopt.loading import load_model
 from robustopt.threat.model import ThreatModel
 
 DUAL = {"l2": 2.0, "linf": 1.0, "l1": float("inf")}
@@ -94,6 +93,6 @@ def test_autoattack_is_registered_and_deterministic(mnist_test_batch):
     model = nn.Sequential(nn.Flatten(), nn.Linear(784, 10)).eval()
     x, y = mnist_test_batch[0][:8], mnist_test_batch[1][:8]
     kw = {"steps": 3, "n_targets": 2, "queries": 10}
-    a = run_attack("autoattack", model, x, y, ThreatModel("linf", 0.1), **kw)
-    b = run_attack("autoattack", model, x, y, ThreatModel("linf", 0.1), **kw)
+    a = run_attack(model, x, y, ThreatModel("linf", 0.1), "autoattack", **kw)
+    b = run_attack(model, x, y, ThreatModel("linf", 0.1), "autoattack", **kw)
     assert torch.equal(a, b)  # fixed seeds, whatever ran before

@@ -65,6 +65,6 @@ def test_the_shipped_mnist_model_is_robust_offline(mnist: Dataset) -> None:
     x, y = to_float(mnist.x_test[:200]), mnist.y_test[:200]
     with torch.no_grad():
         assert (model(x).argmax(1) == y).float().mean() >= 0.98
-    x_adv = run_attack("pgd", model, x, y, ThreatModel("linf", 0.3), steps=10, generator=torch.Generator().manual_seed(0))
+    x_adv = run_attack(model, x, y, ThreatModel("linf", 0.3), "pgd", steps=10, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (model(x_adv).argmax(1) == y).float().mean() >= 0.85

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from robustopt.evaluation.stability import accuracy_curve, minimal_perturbations, plot_histogram, summary
+from robustopt.threat.model import ThreatModel
 
 
 def _linear(seed: int = 0) -> nn.Module:
@@ -45,7 +46,7 @@ def linear_case():
 def test_pgd_binary_search_brackets_the_exact_minimal_distance(linear_case, norm, dual):
     model, x, y = linear_case
     exact = _exact(model, x, y, dual)
-    found = minimal_perturbations(model, x, y, norm, "pgd", steps=20, search_steps=14)
+    found = minimal_perturbations(model, x, y, ThreatModel(norm, 0.0), method="pgd", steps=20, search_steps=14)
     assert bool((found >= exact * (1 - 1e-4)).all())  # nothing beats the exact minimum
     assert bool((found <= exact * 1.05 + 1e-4).all())  # and the search gets close to it
 
@@ -54,7 +55,7 @@ def test_deepfool_method_marks_misclassified_as_zero(linear_case):
     model, x, y = linear_case
     wrong = y.clone()
     wrong[:4] = (y[:4] + 1) % 3
-    d = minimal_perturbations(model, x, wrong, "l2", "deepfool")
+    d = minimal_perturbations(model, x, wrong, ThreatModel("l2", 0.0), method="deepfool")
     assert bool((d[:4] == 0).all()) and bool((d[4:] > 0).all())
     assert torch.allclose(d[4:], _exact(model, x, y, 2.0)[4:] * 1.02, rtol=1e-3, atol=1e-4)
 
@@ -69,7 +70,7 @@ def test_not_found_is_inf():
             return torch.stack([1 + 0 * x.flatten(1).sum(1) * self.w, torch.zeros(len(x))], dim=1)
 
     x, y = torch.rand(4, 1, 3, 3), torch.tensor([0, 0, 1, 1])
-    d = minimal_perturbations(Constant(), x, y, "linf", "pgd", steps=3, search_steps=2)
+    d = minimal_perturbations(Constant(), x, y, ThreatModel("linf", 0.0), method="pgd", steps=3, search_steps=2)
     assert torch.isinf(d[:2]).all() and (d[2:] == 0).all()
 
 
@@ -85,7 +86,7 @@ def test_summary_values():
 
 def test_accuracy_curve_starts_at_clean_and_never_rises(linear_case):
     model, x, y = linear_case
-    rows = accuracy_curve(model, x, y, "l2", [0.0, 0.01, 0.03, 0.1, 1.0], steps=10)
+    rows = accuracy_curve(model, x, y, ThreatModel("l2", 0.0), [0.0, 0.01, 0.03, 0.1, 1.0], steps=10)
     accs = [r["accuracy"] for r in rows]
     assert accs[0] == rows[0]["clean_accuracy"] == 1.0
     assert all(b <= a for a, b in zip(accs, accs[1:], strict=False)) and accs[-1] == 0.0

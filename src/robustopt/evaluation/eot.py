@@ -8,7 +8,7 @@ input gradient is the average of the sampled gradients. The evaluator switches t
 
 Example:
     >>> attacker = ExpectedLogits(randomised_model, samples=20)
-    >>> x_adv = run_attack("pgd", attacker, x, y, threat)
+    >>> x_adv = run_attack(attacker, x, y, threat, "pgd")
 """
 
 from __future__ import annotations

@@ -16,7 +16,8 @@ of: a weak model would otherwise report a median of 0) and gives median, mean an
 ρ_adv = E[‖r‖/‖x‖] over the correctly classified ones.
 
 Example:
-    >>> d = minimal_perturbations(model, x, y, "l2")                 # (N,)
+    >>> d = minimal_perturbations(model, x, y, ThreatModel("l2", 1.0))   # (N,); ε is not used
+    >>> d_pgd = minimal_perturbations(model, x, y, ThreatModel("linf", 0.1), method="pgd", steps=20)
     >>> summary(d, x.flatten(1).norm(dim=1))["median"]
     >>> plot_histogram({"robust": d, "standard": d_std}, "hist.png")
 """
@@ -36,6 +37,7 @@ from robustopt.evaluation.attacks import deepfool, pgd
 from robustopt.evaluation.attacks._common import predict
 from robustopt.evaluation.sanity import diameter
 from robustopt.threat.model import ThreatModel
+from robustopt.threat.perturb import check_inputs, check_model, check_threat
 
 Tensor = torch.Tensor
 METHODS = ("deepfool", "pgd")
@@ -48,7 +50,9 @@ def _distances(threat: ThreatModel, model: nn.Module, x: Tensor, y: Tensor, x_ad
     return torch.where(predict(model, x) != y, torch.zeros_like(d), d)
 
 
-def _binary_search(model, x, y, threat: ThreatModel, search_steps: int, steps: int, restarts: int, generator, loss) -> Tensor:
+def _binary_search(
+    model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, search_steps: int, steps: int, restarts: int, generator, loss
+) -> Tensor:
     """Per-example bisection of ε in [0, diameter] with PGD; the smallest adversarial norm found."""
     hi = torch.full((len(y),), diameter(threat, x), device=x.device)
     lo = torch.zeros_like(hi)
@@ -64,40 +68,54 @@ def _binary_search(model, x, y, threat: ThreatModel, search_steps: int, steps: i
     return torch.where(predict(model, x) != y, torch.zeros_like(best), best)
 
 
+def _batch_distances(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, method: str, opts: dict[str, Any]) -> Tensor:
+    """Minimal distances (B,) of one batch with ``method``."""
+    if method == "deepfool":
+        x_adv = deepfool(model, x, y, threat.with_eps(diameter(threat, x)), steps=opts["steps"] or 50)
+        return _distances(threat, model, x, y, x_adv)
+    s = opts
+    return _binary_search(model, x, y, threat, s["search_steps"], s["steps"] or 20, s["restarts"], s["generator"], s["loss"])
+
+
 def minimal_perturbations(
     model: nn.Module,
     x: Tensor,
     y: Tensor,
-    norm: str,
-    method: str = "deepfool",
+    threat: ThreatModel,
     *,
+    method: str = "deepfool",
     steps: int | None = None,
     restarts: int = 1,
     search_steps: int = 10,
     loss: str = "margin",
     batch_size: int = 500,
-    bounds: tuple[float, float] = (0.0, 1.0),
+    generator: torch.Generator | None = None,
     seed: int = 0,
     progress: bool = False,
 ) -> Tensor:
-    """Minimal adversarial distances (N,) in ``norm``; 0 if misclassified, inf if not found.
+    """Minimal adversarial distances (N,) in the threat's norm; 0 if misclassified, inf if not found.
+
+    ``threat`` gives the norm and the box; its ε is **not** used: every search runs up to the
+    box's diameter, (hi − lo)·D^(1/p), the largest distance there is. ``steps`` defaults to 50
+    (deepfool) or 20 (pgd, per search step). Randomness (pgd only): ``generator`` if given,
+    else a generator seeded with ``seed + first index`` per batch, so a result does not depend
+    on the batch size's history.
 
     The pgd method ascends the margin loss by default: its ascent direction is the normal of
     the nearest class boundary, where cross-entropy mixes all classes and can miss it.
     """
     if method not in METHODS:
         raise ConfigError(f"unknown stability method {method!r}: choose one of {', '.join(METHODS)}")
-    threat = ThreatModel(norm, 0.0, bounds)
-    dev = next(model.parameters()).device
+    check_threat(threat, "minimal_perturbations")
+    check_model(model, "minimal_perturbations")
+    check_inputs(x, y, threat, "minimal_perturbations")
+    dev = next(iter(model.parameters()), x).device
     out = []
-    for start in tqdm(range(0, len(y), batch_size), desc=f"minimal {norm} ({method})", disable=not progress):
+    for start in tqdm(range(0, len(y), batch_size), desc=f"minimal {threat.norm} ({method})", disable=not progress):
         xb, yb = x[start : start + batch_size].to(dev), y[start : start + batch_size].to(dev)
-        if method == "deepfool":
-            xa = deepfool(model, xb, yb, norm=norm, steps=steps or 50, bounds=bounds)
-            out.append(_distances(threat, model, xb, yb, xa).cpu())
-        else:
-            gen = torch.Generator(device=dev).manual_seed(seed + start)
-            out.append(_binary_search(model, xb, yb, threat, search_steps, steps or 20, restarts, gen, loss).cpu())
+        gen = generator or torch.Generator(device=dev).manual_seed(seed + start)
+        opts = {"steps": steps, "restarts": restarts, "search_steps": search_steps, "loss": loss, "generator": gen}
+        out.append(_batch_distances(model, xb, yb, threat, method, opts).cpu())
     return torch.cat(out)
 
 
@@ -127,16 +145,19 @@ def summary(dists: Tensor, x_norms: Tensor) -> dict[str, float]:
 
 
 def accuracy_curve(
-    model: nn.Module, x: Tensor, y: Tensor, norm: str, eps_list: list[float], attack: str = "pgd", **kw: Any
+    model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, eps_list: list[float], attack: str = "pgd", **kw: Any
 ) -> list[dict[str, float]]:
-    """Robust accuracy at each ε: ``[{"eps", "accuracy", "clean_accuracy"}]`` (sanity checks off)."""
+    """Robust accuracy at each ε of ``eps_list`` in the threat's norm and box: ``[{"eps", "accuracy", "clean_accuracy"}]``.
+
+    The threat's own ε is not used. ``kw`` goes to :func:`robustopt.evaluation.evaluate.evaluate`; sanity checks are off.
+    """
     from robustopt.evaluation.evaluate import evaluate
 
     kw = {"progress": False, **kw, "sanity": False}
     rows = []
     for eps in eps_list:
-        res = evaluate(model, x, y, attack, ThreatModel(norm, eps), **kw)
-        rows.append({"eps": float(eps), "accuracy": res["adversarial_accuracy"], "clean_accuracy": res["clean_accuracy"]})
+        res = evaluate(model, x, y, threat.with_eps(eps), attack, **kw)
+        rows.append({"eps": float(eps), "accuracy": res.adversarial_accuracy, "clean_accuracy": res.clean_accuracy})
     return rows
 
 

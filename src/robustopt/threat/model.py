@@ -221,19 +221,35 @@ class ThreatModel:
         """Clip to the data domain."""
         return x_adv.clamp(*self.bounds)
 
-    def project(self, x_adv: Tensor, x: Tensor) -> Tensor:
-        """Project onto ball ∩ box.
+    def project(self, x_adv: Tensor, x: Tensor, radius: Tensor | None = None) -> Tensor:
+        """Project onto ball ∩ box; x_adv, x (B, ...).
 
         Projects δ onto the ball, then clips to the box. Clipping only shrinks |δ_i| (x is
         inside the box), so the result stays inside the ball; for ℓ∞ it is the exact
         projection onto the intersection.
+
+        ``radius`` (B,) gives each example its own radius instead of ε (the binary searches of
+        :mod:`robustopt.evaluation.stability` need that). Projection onto a norm ball is
+        positively homogeneous, ``P_{rB}(δ) = r·P_B(δ/r)``, so one geometry serves every radius.
         """
-        delta = self.geometry.project_ball(x_adv - x, self.eps)
+        if radius is None:
+            return self.clip(x + self.geometry.project_ball(x_adv - x, self.eps))
+        r = _per_example(radius.clamp_min(1e-12), x)
+        delta = self.geometry.project_ball((x_adv - x) / r, 1.0) * r
+        delta = torch.where(_per_example(radius > 0, x), delta, torch.zeros_like(delta))
         return self.clip(x + delta)
 
-    def random_init(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """A uniformly random point of the ball around x, clipped to the box."""
-        return self.clip(x + self.geometry.random_ball(x, self.eps, generator))
+    def random_init(self, x: Tensor, generator: torch.Generator | None = None, radius: Tensor | None = None) -> Tensor:
+        """A uniformly random point of the ball around x (radius ε, or ``radius`` (B,) per example), clipped to the box."""
+        if radius is None:
+            return self.clip(x + self.geometry.random_ball(x, self.eps, generator))
+        return self.clip(x + self.geometry.random_ball(x, 1.0, generator) * _per_example(radius, x))
+
+    def radii(self, x: Tensor, radius: Tensor | None = None) -> Tensor:
+        """Per-example radii (B,): ``radius`` if given, else ε for every example."""
+        if radius is None:
+            return torch.full((x.shape[0],), self.eps, device=x.device, dtype=x.dtype)
+        return radius.to(device=x.device, dtype=x.dtype).reshape(-1)
 
     def contains(self, x_adv: Tensor, x: Tensor, atol: float = 1e-5) -> Tensor:
         """Per-example bool: x_adv is in the ball (up to atol·max(1, ε)) and in the box."""

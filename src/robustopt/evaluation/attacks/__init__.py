@@ -1,4 +1,20 @@
-"""Adversarial attacks, one small module each, all built on :class:`~robustopt.threat.model.ThreatModel`.
+"""Adversarial attacks, one small module each, all following one protocol over :class:`~robustopt.threat.model.ThreatModel`.
+
+The protocol
+------------
+Every attack is a function ::
+
+    attack(model, x, y, threat, *, steps=..., generator=None, <its own keyword-only options>) -> x_adv
+
+* ``model`` maps inputs (B, ...) in ``threat.bounds`` to logits (B, K), K >= 2; ``x`` (B, ...)
+  are the clean inputs (feature vectors (B, D), images (B, C, H, W), anything with a batch
+  dim); ``y`` (B,) integer labels in 0 .. K-1; ``threat`` gives the norm, ε and the box.
+* ``steps`` is the attack's iteration budget (what one step is: see each attack; fgsm has none);
+  ``restarts`` exists where restarts mean something (pgd, apgd-ce, auto); ``generator`` seeds
+  every random choice (attacks without randomness accept and ignore it).
+* It returns x_adv (B, ...) inside ball ∩ box, works inside ``torch.no_grad()``, refuses
+  ``torch.inference_mode()``, never accumulates weight gradients and restores the model's
+  train/eval flags and BatchNorm statistics.
 
 ==============  ============================================================  ==================
 name            attack                                                        norms
@@ -14,29 +30,54 @@ name            attack                                                        no
 ``auto``        APGD-CE + APGD-T + Square, worst case per example             linf, l2, l1
 ``autoattack``  AutoAttack "standard": APGD-CE, APGD-T, FAB-T, Square         linf, l2; l1: APGD
 ``deepfool``    DeepFool minimal perturbation in the threat's norm            linf, l2, l1
-``cw``          Carlini–Wagner ℓ2 minimal perturbation                        l2
-``lbfgs``       Szegedy et al.'s box-constrained L-BFGS                       l2
+``cw``          Carlini–Wagner ℓ2 minimal perturbation                        l2 (projected)
+``lbfgs``       Szegedy et al.'s box-constrained L-BFGS                       l2 (projected)
 ==============  ============================================================  ==================
 
-:func:`run_attack` is the one entry point the evaluator uses. Like foolbox's base class it
-projects every result onto the threat model itself, so no attack can return a point outside
-it; the minimal-perturbation attacks (deepfool, cw, lbfgs) are thereby turned into
-ε-bounded ones (a perturbation longer than ε is pulled back onto the ball).
+The entry point
+---------------
+:func:`run_attack` ``(model, x, y, threat, attack="pgd", **options)`` checks the inputs (a
+:class:`~robustopt.errors.RobustoptError` with one line for bad ones), checks the options
+against the attack's signature (:func:`attack_options`; an unknown one is a ConfigError that
+lists the valid ones), runs the attack and, like foolbox's ``@final __call__``, projects the
+result onto the threat itself, so no attack can return a point outside it. The
+minimal-perturbation attacks (deepfool, cw, lbfgs) thereby become ε-bounded ones.
+
+:func:`attack_options` ``(name) -> {option: inspect.Parameter}`` gives each keyword-only option
+with its default and type hint, so a CLI can derive its per-attack flags from the signature.
+
+Adding an attack: one new file, no other edit
+---------------------------------------------
+Drop ``myattack.py`` into this package with a module-level ``ATTACKS`` dict; the registry
+(:mod:`._registry`) imports every public module of the package and collects them::
+
+    # robustopt/evaluation/attacks/noise.py
+    def noise(model, x, y, threat, *, steps: int = 1, generator=None):
+        "Random point of the ball (a baseline)."
+        return threat.random_init(x, generator)
+
+    ATTACKS = {"noise": noise}
+
+``run_attack(model, x, y, threat, "noise")`` and ``attack_options("noise")`` then work, and a
+CLI that builds its flags from :func:`attack_options` offers ``--attack noise --steps N``.
 
 Example:
-    >>> from robustopt.evaluation.attacks import run_attack
-    >>> x_adv = run_attack("pgd", model, x, y, ThreatModel("linf", 0.3), steps=40, restarts=2)
+    >>> x_adv = run_attack(model, x, y, ThreatModel("linf", 0.1), "pgd", steps=5, restarts=2)
+    >>> bool(ThreatModel("linf", 0.1).contains(x_adv, x).all())
+    True
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import inspect
 from typing import Any
 
 import torch
 from torch import nn
 
-from robustopt.errors import ConfigError
+from robustopt.errors import ConfigError, DataError
+from robustopt.evaluation.attacks._common import Attack
+from robustopt.evaluation.attacks._registry import check_options, discover, name_of, options_of
 from robustopt.evaluation.attacks.apgd import apgd, apgd_targeted
 from robustopt.evaluation.attacks.auto import auto
 from robustopt.evaluation.attacks.autoattack import autoattack
@@ -48,77 +89,69 @@ from robustopt.evaluation.attacks.lbfgs import lbfgs
 from robustopt.evaluation.attacks.pgd import pgd
 from robustopt.evaluation.attacks.square import square
 from robustopt.threat.model import ThreatModel
-from robustopt.threat.perturb import check_inputs
+from robustopt.threat.perturb import attack_state, check_grad_mode, check_inputs, check_labels, check_model
 
 Tensor = torch.Tensor
-Attack = Callable[..., Tensor]  # (model, x, y, threat, steps, restarts, generator, **kw) -> x_adv
-
-
-def _opt(steps: int | None, key: str) -> dict[str, int]:
-    return {} if steps is None else {key: steps}
-
-
-ATTACKS: dict[str, Attack] = {
-    "fgsm": lambda m, x, y, t, steps=None, restarts=1, generator=None, **kw: fgsm(m, x, y, t, **kw),
-    "fgm": lambda m, x, y, t, steps=None, restarts=1, generator=None, **kw: fgsm(m, x, y, t, **kw),
-    "pgd": lambda m, x, y, t, steps=None, restarts=1, generator=None, **kw: pgd(
-        m, x, y, t, restarts=restarts, generator=generator, **_opt(steps, "steps"), **kw
-    ),
-    "bim": lambda m, x, y, t, steps=None, restarts=1, generator=None, **kw: pgd(
-        m, x, y, t, restarts=1, random_start=False, **_opt(steps, "steps"), **kw
-    ),
-    "apgd-ce": lambda m, x, y, t, steps=None, restarts=1, generator=None, **kw: apgd(
-        m, x, y, t, restarts=restarts, generator=generator, loss="ce", **_opt(steps, "steps"), **kw
-    ),
-    "apgd-dlr": lambda m, x, y, t, steps=None, restarts=1, generator=None, **kw: apgd_targeted(
-        m, x, y, t, generator=generator, **_opt(steps, "steps"), **kw
-    ),
-    "square": lambda m, x, y, t, steps=None, restarts=1, generator=None, **kw: square(
-        m, x, y, t, generator=generator, **_opt(steps, "queries"), **kw
-    ),
-    "auto": lambda m, x, y, t, steps=None, restarts=1, generator=None, **kw: auto(
-        m, x, y, t, restarts=restarts, generator=generator, **_opt(steps, "steps"), **kw
-    ),
-    "autoattack": lambda m, x, y, t, steps=None, restarts=1, generator=None, **kw: autoattack(
-        m, x, y, t, **_opt(steps, "steps"), **kw
-    ),
-    "fab-t": lambda m, x, y, t, steps=None, restarts=1, generator=None, **kw: fab_targeted(
-        m, x, y, t, **_opt(steps, "steps"), **kw
-    ),
-    "deepfool": lambda m, x, y, t, steps=None, restarts=1, generator=None, **kw: deepfool(
-        m, x, y, norm=t.norm, bounds=t.bounds, **_opt(steps, "steps"), **kw
-    ),
-    "cw": lambda m, x, y, t, steps=None, restarts=1, generator=None, **kw: cw_l2(
-        m, x, y, bounds=t.bounds, **_opt(steps, "steps"), **kw
-    ),
-    "lbfgs": lambda m, x, y, t, steps=None, restarts=1, generator=None, **kw: lbfgs(
-        m, x, y, bounds=t.bounds, **_opt(steps, "max_iter"), **kw
-    ),
-}
+ATTACKS: dict[str, Attack] = discover()
 
 
 def check_attack(name: str) -> str:
     """The attack name, or a ConfigError listing the valid ones."""
-    if name not in ATTACKS:
+    if not isinstance(name, str) or name not in ATTACKS:
         raise ConfigError(f"unknown attack {name!r}: choose one of {', '.join(ATTACKS)}")
     return name
 
 
-def run_attack(name: str, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, **kw: Any) -> Tensor:
-    """Run attack ``name`` and project its output onto the threat model; x (B, ...) -> x_adv (B, ...).
+def attack_options(name: str) -> dict[str, inspect.Parameter]:
+    """The keyword-only options of a registered attack: ``{option: inspect.Parameter}`` (default, annotation).
 
-    Keyword arguments: ``steps`` (iterations; queries for square), ``restarts``, ``generator``,
-    plus any keyword of the attack's own function (e.g. ``loss="dlr"`` for pgd).
+    Example: ``attack_options("pgd")["steps"].default == 40``; ``"restarts" in attack_options("pgd")``;
+    ``"steps" not in attack_options("fgsm")``.
     """
-    check_inputs(x, y, threat, where=f"attack {name}")
-    x_adv = ATTACKS[check_attack(name)](model, x.detach(), y, threat, **kw)
-    return threat.project(x_adv.detach(), x.detach())
+    return options_of(ATTACKS[check_attack(name)])
+
+
+def _check_output(x_adv: object, x: Tensor, name: str) -> Tensor:
+    if not isinstance(x_adv, Tensor) or x_adv.shape != x.shape:
+        got = tuple(x_adv.shape) if isinstance(x_adv, Tensor) else type(x_adv).__name__
+        raise DataError(f"attack {name} returned {got} for inputs of shape {tuple(x.shape)}; an attack returns x_adv like x")
+    return x_adv.detach().to(x.dtype)
+
+
+def run_attack(
+    model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, attack: str | Attack = "pgd", **options: Any
+) -> Tensor:
+    """Run ``attack`` (a registered name, or a function following the protocol) and project its output onto ``threat``.
+
+    x (B, ...), y (B,) -> x_adv (B, ...) inside ball ∩ box. ``options`` are the attack's own
+    keyword-only options (:func:`attack_options`), e.g. ``steps=40, restarts=2, loss="dlr"``
+    for pgd. Refuses bad inputs with a one-line :class:`~robustopt.errors.RobustoptError`:
+    an unknown attack or option, ``threat`` not a ThreatModel, non-float, NaN or out-of-box x,
+    labels of the wrong shape, negative or not below the model's class count, and
+    ``torch.inference_mode()``. Works inside ``torch.no_grad()``.
+    """
+    fn = ATTACKS[check_attack(attack)] if isinstance(attack, str) else attack
+    name = attack if isinstance(attack, str) else name_of(attack)
+    where = f"attack {name}"
+    if not callable(fn):
+        raise ConfigError(f"attack must be a registered name or a function, got {type(attack).__name__}")
+    check_options(name, fn, options)
+    check_model(model, where)
+    check_grad_mode(where)
+    check_inputs(x, y, threat, where)
+    x = x.detach().clone() if x.is_inference() else x.detach()
+    with attack_state(model, where):
+        with torch.no_grad():
+            check_labels(model(x), y, where)
+        x_adv = _check_output(fn(model, x, y, threat, **options), x, name)
+    return threat.project(x_adv, x)
 
 
 __all__ = [
     "ATTACKS",
     "apgd",
     "apgd_targeted",
+    "attack_options",
     "auto",
     "autoattack",
     "check_attack",

@@ -12,23 +12,20 @@ Per example, with budget ``N`` iterations:
 
 ``d`` is the threat's steepest-ascent direction, so the same code runs ℓ∞, ℓ2 and ℓ1
 (ℓ1 with sparse top-k steps). The worst case over every iterate is returned.
-
-Example:
-    >>> x_adv = apgd(model, x, y, ThreatModel("linf", 0.3), steps=100, loss="ce")
-    >>> x_adv = apgd_targeted(model, x, y, ThreatModel("l2", 2.0), n_targets=9)
 """
 
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 from torch import nn
 
-from robustopt.evaluation.attacks._common import WorstCase, project, radii, random_init
+from robustopt.evaluation.attacks._common import over_targets, target_classes
 from robustopt.evaluation.attacks.losses import get_loss, targeted_dlr
 from robustopt.threat.model import ThreatModel
-from robustopt.threat.perturb import LossFn, frozen_parameters, input_gradient, preserve_state
+from robustopt.threat.perturb import LossFn, WorstCase, attack_state, input_gradient
 
 Tensor = torch.Tensor
 MOMENTUM, RHO = 0.75, 0.75
@@ -45,13 +42,13 @@ def checkpoints(n_iter: int) -> list[int]:
 def _step(threat: ThreatModel, x: Tensor, x_k: Tensor, x_prev: Tensor, grad: Tensor, eta: Tensor, eps: Tensor, alpha: float):
     """One momentum step: z = Π(x_k + η·d(g)), then Π(x_k + α(z − x_k) + (1 − α)(x_k − x_{k−1}))."""
     b = (-1, *([1] * (x.dim() - 1)))
-    z = project(threat, x_k + eta.view(b) * threat.ascent_direction(grad, iterative=True), x, eps)
-    return project(threat, x_k + alpha * (z - x_k) + (1 - alpha) * (x_k - x_prev), x, eps)
+    z = threat.project(x_k + eta.view(b) * threat.ascent_direction(grad, iterative=True), x, eps)
+    return threat.project(x_k + alpha * (z - x_k) + (1 - alpha) * (x_k - x_prev), x, eps)
 
 
 def _apgd_run(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, eps: Tensor, steps: int, loss_fn: LossFn, gen):
     """One APGD trajectory with per-example step sizes η (B,); its worst case over all iterates."""
-    x_k = random_init(threat, x, eps, gen)
+    x_k = threat.random_init(x, gen, eps)
     grad, logits = input_gradient(model, x_k, y, loss_fn)
     loss = loss_fn(logits, y)
     best = WorstCase(x_k)
@@ -94,16 +91,45 @@ def apgd(
     generator: torch.Generator | None = None,
     eps: Tensor | None = None,
 ) -> Tensor:
-    """APGD with ``loss`` ("ce", "dlr", "margin" or a callable); worst case over restarts."""
+    """APGD with ``loss``; the worst case per example over every iterate of every restart.
+
+    Paper: Croce & Hein, "Reliable evaluation of adversarial robustness with an ensemble of
+    diverse parameter-free attacks", ICML 2020 (Algorithm 1).
+
+    Distance: the threat's norm (ℓ∞, ℓ2, ℓ1).
+
+    Arguments:
+        steps (int): iterations N per restart; one step is one forward and backward pass. Default 100.
+        restarts (int): independent random starts. Default 1.
+        loss (str | callable): ``"ce"``, ``"dlr"``, ``"margin"`` or ``(logits, y) -> (B,)``. Default ``"ce"``.
+        generator (torch.Generator): seeds the random starts.
+        eps (Tensor): optional per-example radii (B,) instead of ε.
+
+    Shape:
+        x: (B, ...); y: (B,); returns (B, ...) inside the threat.
+
+    Example:
+        >>> x_adv = apgd(model, x, y, ThreatModel("linf", 0.1), steps=5)
+        >>> x_adv.shape == x.shape
+        True
+    """
     loss_fn = get_loss(loss)
     x = x.detach()
-    e = radii(threat, x, eps)
+    e = threat.radii(x, eps)
     overall = WorstCase(x)
-    with preserve_state(model), frozen_parameters(model):
+    with attack_state(model, "apgd"):
         for _ in range(restarts):
             run = _apgd_run(model, x, y, threat, e, steps, loss_fn, generator)
             overall.update(run.x, run.loss, run.fooled)
     return overall.x
+
+
+def _apgd_towards(
+    model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *, rank: int, steps: int, generator: torch.Generator | None
+) -> Tensor:
+    """APGD with the targeted DLR loss towards each example's ``rank``-th most likely wrong class (0 = the most likely)."""
+    target = target_classes(model, x, y, rank + 1)[:, rank]
+    return apgd(model, x, y, threat, steps=steps, loss=targeted_dlr(target), generator=generator)
 
 
 def apgd_targeted(
@@ -115,27 +141,32 @@ def apgd_targeted(
     steps: int = 100,
     n_targets: int = 9,
     generator: torch.Generator | None = None,
-    eps: Tensor | None = None,
 ) -> Tensor:
-    """APGD-T: targeted DLR towards each of the ``n_targets`` most likely wrong classes in turn.
+    """APGD-T: APGD with the targeted DLR loss towards each of the ``min(n_targets, K − 1)`` most likely wrong classes in turn.
 
-    Only examples not yet fooled are attacked again; the first success is kept.
+    Paper: Croce & Hein, ICML 2020 (APGD-T of AutoAttack). Each target runs only on the examples
+    no earlier target broke (:func:`~robustopt.evaluation.attacks._common.over_targets`); the
+    first success is kept. With K = 2 there is one target and the targeted DLR loss is the
+    margin (see :mod:`~robustopt.evaluation.attacks.losses`).
+
+    Distance: the threat's norm (ℓ∞, ℓ2, ℓ1).
+
+    Arguments:
+        steps (int): APGD iterations per target. Default 100.
+        n_targets (int): how many target classes at most. Default 9.
+        generator (torch.Generator): seeds the random starts.
+
+    Shape:
+        x: (B, ...); y: (B,); returns (B, ...) inside the threat.
+
+    Example:
+        >>> x_adv = apgd_targeted(model, x, y, ThreatModel("l2", 0.5), steps=5, n_targets=2)
+        >>> bool(ThreatModel("l2", 0.5).contains(x_adv, x).all())
+        True
     """
     x = x.detach()
-    with torch.no_grad(), preserve_state(model):
-        order = model(x).float().sort(dim=1, descending=True).indices  # (B, K)
-    x_adv = x.clone()
-    fooled = order[:, 0] != y  # already misclassified: x itself is the worst case
-    n_targets = min(n_targets, order.shape[1] - 1)
-    for t in range(n_targets):
-        todo = (~fooled).nonzero().squeeze(1)
-        if todo.numel() == 0:
-            break
-        target = order[todo, t + 1]  # the (t+1)-th most likely class; order[:, 0] is y here
-        e = None if eps is None else eps[todo]
-        cand = apgd(model, x[todo], y[todo], threat, steps=steps, loss=targeted_dlr(target), generator=generator, eps=e)
-        with torch.no_grad(), preserve_state(model):
-            hit = model(cand).argmax(1) != y[todo]
-        x_adv[todo[hit]] = cand[hit]
-        fooled[todo[hit]] = True
-    return x_adv
+    with attack_state(model, "apgd-t"):
+        return over_targets(model, x, y, threat, n_targets, _apgd_towards, steps=steps, generator=generator)
+
+
+ATTACKS = {"apgd-ce": partial(apgd, loss="ce"), "apgd-dlr": apgd_targeted}

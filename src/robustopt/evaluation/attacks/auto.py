@@ -1,73 +1,28 @@
-"""An AutoAttack-style ensemble (Croce & Hein, ICML 2020): worst case per example over
-
-1. APGD with cross-entropy,
-2. targeted APGD with the DLR loss against the most likely wrong classes,
-3. the black-box Square attack,
-
-each run only on the examples every earlier attack failed on. Two white-box losses with a
-self-tuning step size and a gradient-free search make a robustness figure hard to fake: a
-model that masks gradients survives 1 and 2 but not 3.
-
-Example:
-    >>> stats = {}
-    >>> x_adv = auto(model, x, y, ThreatModel("linf", 0.3), stats=stats)
-    >>> stats   # {'clean': 97, 'apgd-ce': 61, 'apgd-t': 58, 'square': 58}  robust counts after each
-"""
+"""``auto``: an AutoAttack-style ensemble, worst case per example over APGD-CE, APGD-T and Square."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import nn
 
-from robustopt.evaluation.attacks._common import predict
+from robustopt.evaluation.attacks._common import Attack, cascade
 from robustopt.evaluation.attacks.apgd import apgd, apgd_targeted
 from robustopt.evaluation.attacks.square import square
 from robustopt.threat.model import ThreatModel
+from robustopt.threat.perturb import attack_state
 
 Tensor = torch.Tensor
 
 
-def components(steps: int, n_targets: int, queries: int, restarts: int, generator) -> list[tuple[str, Callable[..., Tensor]]]:
+def components(steps: int, n_targets: int, queries: int, restarts: int, generator) -> list[tuple[str, Attack]]:
     """The ensemble's attacks, in order, each ``(model, x, y, threat) -> x_adv``."""
     return [
-        ("apgd-ce", lambda m, x, y, t: apgd(m, x, y, t, steps=steps, restarts=restarts, loss="ce", generator=generator)),
-        ("apgd-t", lambda m, x, y, t: apgd_targeted(m, x, y, t, steps=steps, n_targets=n_targets, generator=generator)),
-        ("square", lambda m, x, y, t: square(m, x, y, t, queries=queries, generator=generator)),
+        ("apgd-ce", partial(apgd, steps=steps, restarts=restarts, loss="ce", generator=generator)),
+        ("apgd-t", partial(apgd_targeted, steps=steps, n_targets=n_targets, generator=generator)),
+        ("square", partial(square, steps=queries, generator=generator)),
     ]
-
-
-def cascade(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    threat: ThreatModel,
-    attacks: list[tuple[str, Callable[..., Tensor]]],
-    stats: dict[str, int] | None = None,
-) -> Tensor:
-    """Run ``attacks`` in order, each only on the examples every earlier one failed on.
-
-    x (B, ...), y (B,) -> x_adv (B, ...): the first adversarial point found per example (x where
-    none). A point counts as broken only if it is misclassified *inside* the threat model, so
-    the robust count can only fall from one attack to the next. ``stats`` accumulates the robust
-    count after the clean pass and after each attack.
-    """
-    x = x.detach()
-    x_adv = x.clone()
-    robust = predict(model, x) == y
-    if stats is not None:
-        stats["clean"] = stats.get("clean", 0) + int(robust.sum())
-    for name, attack in attacks:
-        todo = robust.nonzero().squeeze(1)
-        if todo.numel():
-            cand = threat.project(attack(model, x[todo], y[todo], threat), x[todo])
-            hit = predict(model, cand) != y[todo]
-            x_adv[todo[hit]] = cand[hit]
-            robust[todo[hit]] = False
-        if stats is not None:
-            stats[name] = stats.get(name, 0) + int(robust.sum())
-    return x_adv
 
 
 def auto(
@@ -83,5 +38,33 @@ def auto(
     generator: torch.Generator | None = None,
     stats: dict[str, int] | None = None,
 ) -> Tensor:
-    """The ensemble; x (B, C, H, W), y (B,) -> worst-case x_adv. ``stats`` gets robust counts."""
-    return cascade(model, x, y, threat, components(steps, n_targets, queries, restarts, generator), stats)
+    """APGD-CE, then APGD-T, then Square, each only on the examples every earlier one failed on.
+
+    Paper: Croce & Hein, ICML 2020 (the AutoAttack idea); Square: Andriushchenko et al., ECCV 2020.
+    Two white-box losses with a self-tuning step size and a gradient-free search make a
+    robustness figure hard to fake: a model that masks gradients survives the first two, not Square.
+
+    Distance: the threat's norm (ℓ∞, ℓ2, ℓ1).
+
+    Arguments:
+        steps (int): APGD iterations (per restart, per target). Default 100.
+        n_targets (int): APGD-T target classes, ``min(n_targets, K − 1)``. Default 9.
+        queries (int): Square's steps (one model query each). Default 5000.
+        restarts (int): APGD-CE restarts. Default 1.
+        generator (torch.Generator): seeds every component.
+        stats (dict): if given, accumulates the robust count after the clean pass and after each
+            component, e.g. ``{'clean': 97, 'apgd-ce': 61, 'apgd-t': 58, 'square': 58}``.
+
+    Shape:
+        x: (B, ...); y: (B,); returns (B, ...) inside the threat.
+
+    Example:
+        >>> x_adv = auto(model, x, y, ThreatModel("linf", 0.1), steps=3, n_targets=2, queries=10)
+        >>> x_adv.shape == x.shape
+        True
+    """
+    with attack_state(model, "auto"):
+        return cascade(model, x, y, threat, components(steps, n_targets, queries, restarts, generator), stats)
+
+
+ATTACKS = {"auto": auto}

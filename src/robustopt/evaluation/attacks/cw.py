@@ -1,15 +1,13 @@
-"""Carlini–Wagner ℓ2 (IEEE S&P 2017): minimal ℓ2 perturbation through a smooth change of variables.
+"""Carlini–Wagner ℓ2: a minimal ℓ2 perturbation through a smooth change of variables.
 
 With ``x' = lo + (hi − lo)(tanh(w) + 1)/2`` (always inside the box) it minimises, per example,
 
     ‖x' − x‖₂² + c · max(z_y − max_{i≠y} z_i, −κ)
 
-with Adam, and binary-searches ``c`` per example: after a success ``c`` shrinks towards the
-largest failure, after a failure it grows (×10 until a first success). The smallest
-misclassified ``x'`` ever seen is returned (x itself where nothing was found).
-
-Example:
-    >>> x_adv = cw_l2(model, x, y, steps=100, search_steps=5)
+with Adam, and searches ``c`` per example (:class:`~robustopt.evaluation.attacks._common.ConstantSearch`):
+after a success ``c`` shrinks towards the largest failure, after a failure it grows (×10
+until a first success). The smallest misclassified ``x'`` ever seen is kept (x itself where
+nothing was found), then projected onto the threat.
 """
 
 from __future__ import annotations
@@ -17,8 +15,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from robustopt.evaluation.attacks._common import ConstantSearch
 from robustopt.evaluation.attacks.losses import margin
-from robustopt.threat.perturb import frozen_parameters, preserve_state
+from robustopt.threat.model import ThreatModel
+from robustopt.threat.perturb import attack_state
 
 Tensor = torch.Tensor
 
@@ -59,23 +59,44 @@ def cw_l2(
     model: nn.Module,
     x: Tensor,
     y: Tensor,
+    threat: ThreatModel,
     *,
     steps: int = 100,
     search_steps: int = 5,
     c_init: float = 1.0,
     lr: float = 0.05,
     kappa: float = 0.0,
-    bounds: tuple[float, float] = (0.0, 1.0),
+    generator: torch.Generator | None = None,
 ) -> Tensor:
-    """CW-ℓ2; x (B, C, H, W), y (B,) -> x_adv (B, C, H, W) in the box."""
+    """Carlini–Wagner ℓ2; the smallest misclassified point found, projected onto the threat.
+
+    Paper: Carlini & Wagner, "Towards Evaluating the Robustness of Neural Networks", IEEE S&P 2017.
+
+    Distance: ℓ2 (a threat with another norm gets the ℓ2-minimal point projected onto its ball).
+
+    Arguments:
+        steps (int): Adam steps per value of c; one step is one forward and backward pass. Default 100.
+        search_steps (int): values of c tried (the binary search). Default 5.
+        c_init (float): the first c. Default 1.0.
+        lr (float): Adam's learning rate. Default 0.05.
+        kappa (float): confidence κ of the margin term. Default 0.
+        generator: accepted for the protocol; the attack is deterministic.
+
+    Shape:
+        x: (B, ...); y: (B,); returns (B, ...) inside the threat.
+
+    Example:
+        >>> x_adv = cw_l2(model, x, y, ThreatModel("l2", 1.0), steps=5, search_steps=2)
+        >>> bool(ThreatModel("l2", 1.0).contains(x_adv, x).all())
+        True
+    """
     x = x.detach()
     best = [torch.full((len(y),), float("inf"), device=x.device), x.clone()]
-    c = torch.full((len(y),), c_init, device=x.device)
-    c_lo, c_hi = torch.zeros_like(c), torch.full_like(c, float("inf"))
-    with preserve_state(model), frozen_parameters(model):
+    search = ConstantSearch(c_init, x, success_at_larger=True, geometric=False)
+    with attack_state(model, "cw"):
         for _ in range(search_steps):
-            ok = _optimise(model, x, y, c, steps, lr, kappa, bounds, best)
-            c_hi = torch.where(ok, torch.minimum(c_hi, c), c_hi)
-            c_lo = torch.where(ok, c_lo, torch.maximum(c_lo, c))
-            c = torch.where(torch.isinf(c_hi), c * 10, (c_lo + c_hi) / 2)
-    return best[1]
+            search.update(_optimise(model, x, y, search.c, steps, lr, kappa, threat.bounds, best))
+    return threat.project(best[1], x)
+
+
+ATTACKS = {"cw": cw_l2}

@@ -11,10 +11,6 @@ accumulates ``r_tot``, and stops per example once the label flips. The returned 
 ``clip(x + (1 + overshoot)·r_tot)``. For ℓ2 ``d = w/‖w‖₂``; for ℓ∞ ``d = sign(w)``; both come
 from the norm's ``ascent_direction``. On an affine classifier one step lands exactly on the
 nearest decision boundary (the exact minimal distance, times 1 + overshoot).
-
-Example:
-    >>> x_adv = deepfool(model, x, y, norm="l2")            # (B, C, H, W)
-    >>> r = (x_adv - x).flatten(1).norm(dim=1)              # (B,) minimal ℓ2 distances
 """
 
 from __future__ import annotations
@@ -22,17 +18,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from robustopt.threat.model import get_norm
-from robustopt.threat.perturb import frozen_parameters, preserve_state
+from robustopt.threat.model import ThreatModel, get_norm
+from robustopt.threat.perturb import attack_state
 
 Tensor = torch.Tensor
 
 
 def _class_gradients(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
     """Logits (A, K) and their input gradients (A, K, ...): one backward pass per class."""
-    x = x.detach().requires_grad_(True)
-    logits = model(x).float()
-    grads = [torch.autograd.grad(logits[:, k].sum(), x, retain_graph=k + 1 < logits.shape[1])[0] for k in range(logits.shape[1])]
+    with torch.enable_grad():
+        x = x.detach().requires_grad_(True)
+        logits = model(x).float()
+        k = logits.shape[1]
+        grads = [torch.autograd.grad(logits[:, i].sum(), x, retain_graph=i + 1 < k)[0] for i in range(k)]
     return logits.detach(), torch.stack(grads, dim=1)
 
 
@@ -54,26 +52,51 @@ def deepfool(
     model: nn.Module,
     x: Tensor,
     y: Tensor,
-    norm: str = "l2",
+    threat: ThreatModel,
+    *,
     steps: int = 50,
     overshoot: float = 0.02,
-    bounds: tuple[float, float] = (0.0, 1.0),
+    generator: torch.Generator | None = None,
 ) -> Tensor:
-    """DeepFool in ``norm`` ("l2", "linf" or "l1"); x (B, C, H, W), y (B,) -> x_adv (B, C, H, W).
+    """DeepFool in the threat's norm; the result is projected onto the threat (its ε caps the perturbation).
+
+    Paper: Moosavi-Dezfooli, Fawzi & Frossard, "DeepFool: a simple and accurate method to fool
+    deep neural networks", CVPR 2016.
+
+    Distance: the threat's norm (ℓ2, ℓ∞, ℓ1). DeepFool looks for the *smallest* perturbation
+    that changes the label; a perturbation longer than ε is pulled back onto the ball (where it
+    usually no longer fools the model). To measure minimal perturbations, pass a threat whose ε
+    is at least the box's diameter, as :func:`robustopt.evaluation.stability.minimal_perturbations` does.
+
+    Arguments:
+        steps (int): linearisations at most; one step is one forward pass and K backward passes
+            (K classes) on the examples not yet flipped. Default 50.
+        overshoot (float): the final ``r_tot`` is scaled by ``1 + overshoot``. Default 0.02.
+        generator: accepted for the protocol; DeepFool is deterministic.
 
     Examples already misclassified are returned unchanged; an example not flipped within
     ``steps`` iterations is returned at its last iterate (callers check the label).
+
+    Shape:
+        x: (B, ...); y: (B,); returns (B, ...) inside the threat.
+
+    Example:
+        >>> x_adv = deepfool(model, x, y, ThreatModel("l2", 10.0), steps=10)
+        >>> r = ThreatModel("l2", 10.0).norm_of(x_adv - x)  # (B,) minimal ℓ2 distances
     """
     x = x.detach()
     r_tot = torch.zeros_like(x)
     x_adv = x.clone()
-    with preserve_state(model), frozen_parameters(model):
+    with attack_state(model, "deepfool"):
         for _ in range(steps):
             with torch.no_grad():
                 active = (model(x_adv).argmax(1) == y).nonzero().squeeze(1)
             if active.numel() == 0:
                 break
             logits, grads = _class_gradients(model, x_adv[active])
-            r_tot[active] += deepfool_step(logits, grads, y[active], norm)
-            x_adv[active] = (x[active] + (1 + overshoot) * r_tot[active]).clamp(*bounds)
-    return x_adv.detach()
+            r_tot[active] += deepfool_step(logits, grads, y[active], threat.norm)
+            x_adv[active] = threat.clip(x[active] + (1 + overshoot) * r_tot[active])
+    return threat.project(x_adv, x)
+
+
+ATTACKS = {"deepfool": deepfool}

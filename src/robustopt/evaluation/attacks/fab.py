@@ -18,9 +18,6 @@ with clean point ``x₀`` (D,), label y and target class t, FAB repeats ``steps`
 FAB-T runs this against the ``n_targets`` most likely wrong classes of the clean point in
 turn (AutoAttack "standard": 9 targets, 100 iterations, α_max = 0.1, η = 1.05, β = 0.9, no
 random start), each only on the examples not yet broken within ε.
-
-Example:
-    >>> x_adv = fab_targeted(model, x, y, ThreatModel("linf", 0.3), steps=100, n_targets=9)
 """
 
 from __future__ import annotations
@@ -28,9 +25,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from robustopt.evaluation.attacks._common import _bcast, predict
+from robustopt.evaluation.attacks._common import _bcast, over_targets, target_classes
 from robustopt.threat.model import ThreatModel
-from robustopt.threat.perturb import frozen_parameters, preserve_state
+from robustopt.threat.perturb import attack_state
 
 Tensor = torch.Tensor
 ALPHA_MAX, ETA, BETA = 0.1, 1.05, 0.9
@@ -88,10 +85,11 @@ def hyperplane_step(threat: ThreatModel, p: Tensor, w: Tensor, c: Tensor) -> Ten
 
 def _target_gradient(model: nn.Module, x: Tensor, y: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
     """g = z_t − z_y (B,) and ∇ₓg (B, ...) in one backward pass."""
-    x = x.detach().requires_grad_(True)
-    z = model(x).float()
-    g = z.gather(1, t[:, None]).squeeze(1) - z.gather(1, y[:, None]).squeeze(1)
-    (grad,) = torch.autograd.grad(g.sum(), x)
+    with torch.enable_grad():
+        x = x.detach().requires_grad_(True)
+        z = model(x).float()
+        g = z.gather(1, t[:, None]).squeeze(1) - z.gather(1, y[:, None]).squeeze(1)
+        (grad,) = torch.autograd.grad(g.sum(), x)
     return g.detach(), grad
 
 
@@ -121,6 +119,12 @@ def fab_run(model: nn.Module, x0: Tensor, y: Tensor, target: Tensor, threat: Thr
     return best, best_norm
 
 
+def _fab_towards(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *, rank: int, steps: int) -> Tensor:
+    """FAB towards each example's ``rank``-th most likely wrong class: the closest point found where it is within ε, else x."""
+    cand, dist = fab_run(model, x, y, target_classes(model, x, y, rank + 1)[:, rank], threat, steps)
+    return torch.where(_bcast(dist <= threat.eps * (1 + 1e-6), x), cand, x)
+
+
 def fab_targeted(
     model: nn.Module,
     x: Tensor,
@@ -131,23 +135,29 @@ def fab_targeted(
     n_targets: int = 9,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """FAB-T; x (B, C, H, W), y (B,) -> x_adv (B, ...): a misclassified point within ε where found, else x.
+    """FAB-T: a misclassified point within ε where FAB finds one against one of the top wrong classes, else x.
 
-    ``generator`` is accepted for a uniform signature; the standard version has no random start.
+    Paper: Croce & Hein, "Minimally distorted adversarial examples with a fast adaptive boundary
+    attack", ICML 2020 (FAB-T as run by AutoAttack "standard").
+
+    Distance: the threat's norm (ℓ∞, ℓ2, ℓ1); a minimal-perturbation search counted only within ε.
+
+    Arguments:
+        steps (int): FAB iterations per target; one step is one forward and backward pass. Default 100.
+        n_targets (int): how many target classes at most (``min(n_targets, K − 1)``). Default 9.
+        generator: accepted for the protocol; the standard version has no random start.
+
+    Shape:
+        x: (B, ...); y: (B,); returns (B, ...) inside the threat.
+
+    Example:
+        >>> x_adv = fab_targeted(model, x, y, ThreatModel("linf", 0.1), steps=5, n_targets=2)
+        >>> bool(ThreatModel("linf", 0.1).contains(x_adv, x).all())
+        True
     """
     x = x.detach()
-    x_adv = x.clone()
-    with preserve_state(model), frozen_parameters(model):
-        with torch.no_grad():
-            order = model(x).float().sort(dim=1, descending=True).indices  # (B, K)
-        robust = order[:, 0] == y
-        for t in range(min(n_targets, order.shape[1] - 1)):
-            todo = robust.nonzero().squeeze(1)
-            if todo.numel() == 0:
-                break
-            cand, dist = fab_run(model, x[todo], y[todo], order[todo, t + 1], threat, steps)
-            hit = (dist <= threat.eps * (1 + 1e-6)) & (predict(model, threat.project(cand, x[todo])) != y[todo])
-            x_adv[todo[hit]] = threat.project(cand[hit], x[todo[hit]])
-            robust[todo[hit]] = False
-    return x_adv
+    with attack_state(model, "fab-t"):
+        return over_targets(model, x, y, threat, n_targets, _fab_towards, steps=steps)
 
+
+ATTACKS = {"fab-t": fab_targeted}

@@ -1,19 +1,17 @@
-"""Szegedy et al.'s box-constrained L-BFGS attack (ICLR 2014), the original adversarial example.
+"""Szegedy et al.'s box-constrained L-BFGS attack, the original adversarial example.
 
 For a target class t it solves, per example,
 
     minimise  c·‖r‖₂² + CE(f(x + r), t)   subject to  x + r ∈ [lo, hi]^D
 
-with scipy's L-BFGS-B (the box is its bound constraint), and searches ``c`` per example: a
-success (label ≠ y) means a larger c (a smaller r) may still work, a failure means c was too
-large. ``c`` moves by ×10 until bracketed, then by geometric bisection. The default target is
-the most likely wrong class at x. The smallest successful r is returned (x where none).
+with scipy's L-BFGS-B (the box is its bound constraint), and searches ``c`` per example
+(:class:`~robustopt.evaluation.attacks._common.ConstantSearch`): a success (label ≠ y) means a
+larger c (a smaller r) may still work, a failure means c was too large. ``c`` moves by ×10
+until bracketed, then by geometric bisection. The default target is the most likely wrong
+class at x. The smallest successful r is kept (x where none), then projected onto the threat.
 
 The whole batch is one L-BFGS-B problem: the objective is a sum of independent per-example
 terms, so its minimiser is the per-example minimisers.
-
-Example:
-    >>> x_adv = lbfgs(model, x, y, search_steps=6)
 """
 
 from __future__ import annotations
@@ -24,7 +22,9 @@ import torch.nn.functional as F
 from scipy.optimize import Bounds, minimize
 from torch import nn
 
-from robustopt.threat.perturb import frozen_parameters, preserve_state
+from robustopt.evaluation.attacks._common import ConstantSearch, target_classes
+from robustopt.threat.model import ThreatModel
+from robustopt.threat.perturb import attack_state
 
 Tensor = torch.Tensor
 
@@ -34,9 +34,10 @@ def _solve(model: nn.Module, x: Tensor, target: Tensor, c: Tensor, bounds: tuple
     shape = x.shape
 
     def fun(r_flat: np.ndarray) -> tuple[float, np.ndarray]:
-        r = torch.from_numpy(r_flat).to(x.device, x.dtype).view(shape).requires_grad_(True)
-        loss = (c * r.flatten(1).pow(2).sum(1)).sum() + F.cross_entropy(model(x + r).float(), target, reduction="sum")
-        (grad,) = torch.autograd.grad(loss, r)
+        with torch.enable_grad():
+            r = torch.from_numpy(r_flat).to(x.device, x.dtype).view(shape).requires_grad_(True)
+            loss = (c * r.flatten(1).pow(2).sum(1)).sum() + F.cross_entropy(model(x + r).float(), target, reduction="sum")
+            (grad,) = torch.autograd.grad(loss, r)
         return float(loss.detach()), grad.detach().cpu().double().numpy().ravel()
 
     x_np = x.detach().cpu().double().numpy().ravel()
@@ -50,31 +51,53 @@ def lbfgs(
     model: nn.Module,
     x: Tensor,
     y: Tensor,
+    threat: ThreatModel,
     *,
-    target: Tensor | None = None,
+    steps: int = 100,
     search_steps: int = 6,
     c_init: float = 1.0,
-    max_iter: int = 100,
-    bounds: tuple[float, float] = (0.0, 1.0),
+    target: Tensor | None = None,
+    generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Box-constrained L-BFGS; x (B, C, H, W), y (B,) -> x_adv (B, C, H, W)."""
+    """Box-constrained L-BFGS towards a target class; the smallest successful point, projected onto the threat.
+
+    Paper: Szegedy et al., "Intriguing properties of neural networks", ICLR 2014.
+
+    Distance: ℓ2 (a threat with another norm gets the ℓ2-minimal point projected onto its ball).
+
+    Arguments:
+        steps (int): L-BFGS-B iterations per value of c (scipy's ``maxiter``); one iteration
+            takes one or a few forward and backward passes (line search). Default 100.
+        search_steps (int): values of c tried. Default 6.
+        c_init (float): the first c. Default 1.0.
+        target (Tensor): target classes (B,); default the most likely wrong class at x.
+        generator: accepted for the protocol; the attack is deterministic.
+
+    Shape:
+        x: (B, ...); y: (B,); returns (B, ...) inside the threat.
+
+    Example:
+        >>> x_adv = lbfgs(model, x, y, ThreatModel("l2", 1.0), steps=5, search_steps=2)
+        >>> bool(ThreatModel("l2", 1.0).contains(x_adv, x).all())
+        True
+    """
     x = x.detach()
-    with preserve_state(model), frozen_parameters(model):
+    with attack_state(model, "lbfgs"):
         with torch.no_grad():
-            logits = model(x).float()
-        if target is None:
-            target = logits.scatter(1, y[:, None], float("-inf")).argmax(1)
-        best_d = torch.where(logits.argmax(1) != y, 0.0, float("inf")).to(x.device)
+            wrong = model(x).argmax(1) != y
+        target = target_classes(model, x, y, 1)[:, 0] if target is None else target
+        best_d = torch.where(wrong, 0.0, float("inf")).to(x.device)
         best_x = x.clone()
-        c = torch.full((len(y),), c_init, device=x.device)
-        c_lo, c_hi = torch.zeros_like(c), torch.full_like(c, float("inf"))
+        search = ConstantSearch(c_init, x, success_at_larger=False, geometric=True)
         for _ in range(search_steps):
-            x_adv = _solve(model, x, target, c, bounds, max_iter)
+            x_adv = _solve(model, x, target, search.c, threat.bounds, steps)
             with torch.no_grad():
                 ok = model(x_adv).argmax(1) != y
             d = (x_adv - x).flatten(1).norm(dim=1)
             better = ok & (d < best_d)
             best_x[better], best_d = x_adv[better], torch.where(better, d, best_d)
-            c_lo, c_hi = torch.where(ok, torch.maximum(c_lo, c), c_lo), torch.where(ok, c_hi, torch.minimum(c_hi, c))
-            c = torch.where(c_lo == 0, c / 10, torch.where(torch.isinf(c_hi), c * 10, (c_lo * c_hi).sqrt()))
-    return best_x
+            search.update(ok)
+    return threat.project(best_x, x)
+
+
+ATTACKS = {"lbfgs": lbfgs}
