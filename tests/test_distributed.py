@@ -21,13 +21,17 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from robustopt.data.datasets import load_dataset, to_float
+from robustopt.loading import load_model
 from robustopt.models.zoo import build_model
-from robustopt.runs import load_model, load_tensors, read_metrics
+from robustopt.rundir import read_metrics
+from robustopt.tensors import load_tensors
 from robustopt.threat.model import ThreatModel
 from robustopt.training import distributed as rdist
 from robustopt.training.config import TrainConfig
-from robustopt.training.loop import _guard_check, accuracy, context_for, train
+from robustopt.training.metrics import accuracy, guard_accuracy
+from robustopt.training.named import train
 from robustopt.training.objectives import train_step
+from robustopt.training.setup import context_for
 
 WORLD = 2
 GLOBAL_BATCH = 64
@@ -62,7 +66,7 @@ def _one_step(case: str, x: torch.Tensor, y: torch.Tensor, ddp: bool) -> dict[st
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     outer: nn.Module = nn.parallel.DistributedDataParallel(model) if ddp else model
     gen = torch.Generator().manual_seed(0)
-    ctx = context_for(cfg, outer, model, opt, ThreatModel(cfg.norm, cfg.pixel_eps), gen)
+    ctx = context_for(cfg, outer, model, opt, ThreatModel(cfg.norm or "linf", cfg.pixel_eps), gen)
     train_step(ctx, x, y)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -87,11 +91,9 @@ def _guards_of_all_ranks(rank: int) -> list[float]:
     model = _one_step("robust", *_global_batch(), ddp=False)
     net = build_model("paper-mnist", mean=[0.1307], std=[0.3081], num_classes=10, input_shape=(1, 28, 28))
     net.load_state_dict(model)
-    cfg = TrainConfig(method="fast", eps=0.05)
-    gen = torch.Generator().manual_seed(1000 * cfg.seed + rank)
-    ctx = context_for(cfg, net, net, torch.optim.SGD(net.parameters(), lr=0.1), ThreatModel("linf", 0.05), gen)
+    gen = torch.Generator().manual_seed(1000 * TrainConfig().seed + rank)
     data = load_dataset("mnist")
-    value = _guard_check(ctx, (data.x_train[-500:], data.y_train[-500:]), torch.device("cpu"))
+    value = guard_accuracy(net, ThreatModel("linf", 0.05), to_float(data.x_train[-500:]), data.y_train[-500:], gen)
     mine = [value if r == rank else 0.0 for r in range(WORLD)]
     return rdist.all_sum(mine, torch.device("cpu"))  # every rank's value in its slot
 
@@ -172,7 +174,7 @@ def test_torchrun_two_ranks_equals_one_process_with_the_global_batch(tmp_path: P
     assert meta["progress"]["epoch"] == 1
 
     cfg = TrainConfig(method="robust", eps=0.1, lr=0.05, batch_size=100, subset=2000, epochs=1)
-    train(cfg, tmp_path / "single", device="cpu", progress_bar=False, log=lambda s: None)
+    train(cfg, tmp_path / "single", device="cpu", progress=False, log=lambda s: None)
     ddp_model, single_model = load_model(run), load_model(tmp_path / "single")
     for (name, a), b in zip(ddp_model.state_dict().items(), single_model.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
@@ -193,7 +195,7 @@ torch.manual_seed(0)
 x, y = torch.rand(64, 8), torch.randint(0, 3, (64,))
 net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
 robustopt.fit(net, (x, y), out=sys.argv[1], method="pgd", threat=robustopt.ThreatModel("linf", 0.1),
-              epochs=2, batch_size=16, steps=2, device="cpu", progress_bar=False, log=lambda s: None)
+              epochs=2, batch_size=16, steps=2, device="cpu", progress=False, log=lambda s: None)
 open(sys.argv[1] + ".left" + os.environ["RANK"], "w").write(json.dumps(group_threads()))
 for _ in range(2):  # the user's module, after fit, trains on without DDP: no hook of fit's left on it
     net.zero_grad()
