@@ -280,3 +280,37 @@ def test_sigterm_reaches_a_rank_waiting_on_a_stuck_peer(tmp_path: Path) -> None:
     assert rc in (2, 128 + signal.SIGTERM), err[-3000:]
     assert elapsed < 8 + 10, f"took {elapsed:.1f} s after SIGTERM"
     assert "Traceback" not in err and _checkpointed_epochs(tmp_path / "run") >= 1
+
+
+_USER_SCRIPT = """
+import json, os, sys, torch
+from torch import nn
+import robustopt
+from robustopt.training.distributed import group_threads
+n = 64 if os.environ["RANK"] == "0" else 48  # rank 1 was handed other data
+x, y = torch.rand(n, 8), torch.randint(0, 3, (n,))
+net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+try:
+    robustopt.fit(net, (x, y), out=sys.argv[1], threat=robustopt.ThreatModel("linf", 0.1), epochs=1, batch_size=16,
+                  device="cpu", progress=False, log=lambda s: None)
+    said = "no error"
+except robustopt.errors.ConfigError as e:
+    said = str(e)
+open(sys.argv[1] + ".said" + os.environ["RANK"], "w").write(json.dumps({"said": said, "left": group_threads()}))
+"""
+
+
+def test_fit_in_a_user_script_refuses_ranks_with_different_data(tmp_path: Path) -> None:
+    """The library path: ``fit`` under torchrun raises the same ConfigError on every rank, naming the data's
+    size, and destroys the group it made (no gloo thread left to abort the process at exit)."""
+    script = tmp_path / "user_train.py"
+    script.write_text(_USER_SCRIPT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}", str(script)]
+    _, elapsed = _run([*cmd, str(tmp_path / "run")], timeout=90, env={**os.environ, **ENV})
+    assert elapsed < 60
+    for rank in range(WORLD):
+        got = json.loads((tmp_path / f"run.said{rank}").read_text())
+        assert got["said"].startswith("the ranks were started with different configurations: rank 1 differs from rank 0 in ")
+        assert "train_data.n (64 on rank 0, 48 on rank 1)" in got["said"]
+        if Path("/proc/self/task").is_dir():
+            assert got["left"] == []
