@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import doctest
+import inspect
 import math
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from robustopt.evaluation.attacks import ATTACKS, deepfool, fgsm, lbfgs, pgd, run_attack
+from robustopt.errors import ConfigError, DataError, RobustoptError
+from robustopt.evaluation.attacks import ATTACKS, attack_options, deepfool, fgsm, lbfgs, pgd, run_attack
 from robustopt.evaluation.attacks._common import predict
 from robustopt.evaluation.attacks.apgd import checkpoints
 from robustopt.evaluation.attacks.losses import dlr_loss, margin
@@ -189,3 +194,107 @@ def test_lbfgs_finds_smaller_l2_perturbations_than_fgm(std_model, mnist_test_bat
     assert both.float().mean() >= 0.8 and torch.isfinite(d_lb).sum() >= torch.isfinite(d_fgm).sum()
     assert d_lb[both].median() < d_fgm[both].median()
     assert (d_lb[both] <= d_fgm[both] + 1e-6).float().mean() >= 0.8
+
+
+@pytest.mark.parametrize("name", BOUNDED + MINIMAL)
+def test_every_attack_works_inside_no_grad_and_leaves_no_weight_gradients(name, tiny_batch):
+    x, y = tiny_batch
+    model, threat = tiny_net().eval(), ThreatModel("linf", 0.1)
+    with torch.no_grad():  # as in a validation step
+        x_adv = run_attack(model, x, y, threat, name, generator=torch.Generator().manual_seed(0), **FAST.get(name, {}))
+        raw = ATTACKS[name](model, x, y, threat, generator=torch.Generator().manual_seed(0), **FAST.get(name, {}))
+    assert x_adv.shape == raw.shape == x.shape and bool(threat.contains(x_adv, x).all())
+    assert not model.training and all(p.requires_grad and p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", ["pgd", "square", "deepfool"])
+def test_inference_mode_is_refused_with_advice(name, tiny_batch):
+    x, y = tiny_batch
+    model = tiny_net().eval()
+    with torch.inference_mode(), pytest.raises(ConfigError, match=r"outside torch.inference_mode\(\).*no_grad\(\) is fine"):
+        run_attack(model, x, y, ThreatModel("linf", 0.1), name, **FAST.get(name, {}))
+    with torch.inference_mode():
+        xi, yi = x.clone(), y.clone()  # tensors made under inference mode, attacked outside it
+    assert run_attack(model, xi, yi, ThreatModel("linf", 0.1), "pgd", steps=2).shape == x.shape
+
+
+def _model_k(k: int = 5) -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(36, k)).eval()
+
+
+@pytest.mark.parametrize(
+    "call,error,match",
+    [
+        (lambda m, x, y: run_attack(m, x, y, None), ConfigError, "threat must be a ThreatModel"),
+        (lambda m, x, y: run_attack(m, x, y, "linf"), ConfigError, "threat must be a ThreatModel"),
+        (lambda m, x, y: run_attack(m, x, y.clamp(max=0) - 1, ThreatModel("linf", 0.1)), DataError, "labels must be >= 0"),
+        (lambda m, x, y: run_attack(m, x, y + 5, ThreatModel("linf", 0.1)), DataError, r"labels must be in 0 \.\. 4"),
+        (lambda m, x, y: run_attack(m, x, y.float(), ThreatModel("linf", 0.1)), DataError, "integer labels"),
+        (lambda m, x, y: run_attack(m, (x * 255).to(torch.uint8), y, ThreatModel("linf", 0.1)), DataError, "dtype"),
+        (lambda m, x, y: run_attack(m, x * float("nan"), y, ThreatModel("linf", 0.1)), DataError, "NaN"),
+        (lambda m, x, y: run_attack(m, x * 3, y, ThreatModel("linf", 0.1)), DataError, "outside the threat model's bounds"),
+        (lambda m, x, y: run_attack(m, x, y, ThreatModel("l5", 0.1)), ConfigError, "unknown norm"),
+        (lambda m, x, y: run_attack(m, x, y, ThreatModel("linf", -0.1)), ConfigError, "eps must be"),
+        (lambda m, x, y: run_attack(m, x, y, ThreatModel("linf", 0.1), "pgdd"), ConfigError, "unknown attack 'pgdd'"),
+        (lambda m, x, y: run_attack(m, x, y, ThreatModel("linf", 0.1), "pgd", stpes=3), ConfigError, "no option 'stpes'.*steps"),
+        (lambda m, x, y: run_attack(m, x, y, ThreatModel("linf", 0.1), "fgsm", steps=3), ConfigError, "no option 'steps'"),
+        (lambda m, x, y: run_attack(m, x, y, ThreatModel("linf", 0.1), "pgd", steps=0), ConfigError, "steps must be"),
+        (lambda m, x, y: run_attack(m, x, y, ThreatModel("linf", 0.1), "square", steps="9"), ConfigError, "steps must be"),
+        (lambda m, x, y: run_attack(lambda z: z, x, y, ThreatModel("linf", 0.1)), ConfigError, "torch.nn.Module"),
+    ],
+)
+def test_bad_input_is_one_typed_line(call, error, match, tiny_batch):
+    x, y = tiny_batch
+    with pytest.raises(error, match=match) as info:
+        call(_model_k(), x, y)
+    assert isinstance(info.value, RobustoptError) and "\n" not in str(info.value)
+
+
+def test_attack_options_come_from_the_signature():
+    assert attack_options("pgd")["steps"].default == 40 and "restarts" in attack_options("pgd")
+    assert attack_options("bim")["random_start"].default is False  # an alias is a partial of pgd
+    assert "steps" not in attack_options("fgsm") and attack_options("square")["steps"].default == 5000
+    assert attack_options("lbfgs")["steps"].default == 100 and "norm" not in attack_options("deepfool")
+    for name, fn in ATTACKS.items():
+        params = list(inspect.signature(fn).parameters.values())
+        assert [p.name for p in params[:4]] == ["model", "x", "y", "threat"], name
+        assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params[4:]) and "generator" in attack_options(name), name
+
+
+def test_a_new_attack_is_one_file(tmp_path, monkeypatch):
+    """A module dropped into the package with a module-level ATTACKS dict is discovered, with its options."""
+    import robustopt.evaluation.attacks as package
+    from robustopt.evaluation.attacks._registry import discover
+
+    src = (
+        "def noise(model, x, y, threat, *, steps: int = 1, generator=None):\n"
+        "    return threat.random_init(x, generator)\n\n"
+        "ATTACKS = {'noise': noise}\n"
+    )
+    path = Path(package.__file__).parent / "zz_test_noise.py"
+    path.write_text(src)
+    try:
+        found = discover()
+        monkeypatch.setitem(ATTACKS, "noise", found["noise"])
+        x, y = torch.rand(4, 1, 6, 6), torch.randint(0, 5, (4,))
+        out = run_attack(_model_k(), x, y, ThreatModel("l2", 0.3), "noise", steps=2)
+        assert bool(ThreatModel("l2", 0.3).contains(out, x).all()) and list(attack_options("noise")) == ["steps", "generator"]
+    finally:
+        path.unlink()
+        sys.modules.pop("robustopt.evaluation.attacks.zz_test_noise", None)
+
+
+def test_attack_docstrings_run_as_doctests():
+    """Every attack's two-line example runs on a tiny model (torchattacks-style docstrings are the manual)."""
+    torch.manual_seed(0)
+    model = _model_k()
+    x, y = torch.rand(4, 1, 6, 6), torch.randint(0, 5, (4,))
+    modules = {sys.modules[getattr(fn, "func", fn).__module__] for fn in ATTACKS.values()}
+    import robustopt.evaluation.attacks as package
+
+    for module in sorted(modules | {package}, key=lambda m: m.__name__):
+        globs = {**vars(module), "model": model, "x": x, "y": y, "ThreatModel": ThreatModel, "run_attack": run_attack}
+        result = doctest.testmod(module, extraglobs=globs, optionflags=doctest.ELLIPSIS)
+        assert result.failed == 0, module.__name__
+        if module is not package:
+            assert result.attempted >= 2, module.__name__

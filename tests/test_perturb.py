@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from robustopt.errors import ConfigError, DataError, RobustoptError
 from robustopt.threat.model import ThreatModel
 from robustopt.threat.perturb import input_gradient, perturb
 
@@ -126,3 +127,53 @@ def test_perturb_increases_the_loss() -> None:
     one = perturb(model, x, y, tm)
     many = perturb(model, x, y, tm, steps=20)
     assert loss(x) < loss(one) <= loss(many) + 1e-9
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+def test_perturb_works_inside_no_grad_and_gives_the_same_points(steps: int) -> None:
+    """A validation step runs under torch.no_grad(): the inner maximisation turns gradients on itself."""
+    model, tm = small_net(), ThreatModel("l2", 0.3)
+    x, y = torch.rand(8, 1, 4, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    outside = perturb(model, x, y, tm, steps=steps)
+    with torch.no_grad():
+        inside = perturb(model, x, y, tm, steps=steps)
+    assert torch.equal(inside, outside)
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())
+
+
+def test_perturb_under_inference_mode_says_what_to_do() -> None:
+    model, tm = small_net(), ThreatModel("linf", 0.1)
+    x, y = torch.rand(4, 1, 4, 4, dtype=torch.float64), torch.randint(0, 3, (4,))
+    advice = r"outside torch.inference_mode\(\) \(torch.no_grad\(\) is fine\)"
+    with torch.inference_mode(), pytest.raises(ConfigError, match=advice):
+        perturb(model, x, y, tm, steps=2)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        ({"threat": None}, ConfigError, "threat must be a ThreatModel"),
+        ({"x": torch.zeros(4, 16, dtype=torch.int64)}, DataError, "dtype"),
+        ({"x": torch.full((4, 16), float("nan"))}, DataError, "NaN"),
+        ({"model": lambda z: z}, ConfigError, "torch.nn.Module"),
+        ({"steps": 0}, ConfigError, "steps must be"),
+    ],
+)
+def test_perturb_refuses_bad_input_with_one_typed_line(kwargs, error, match) -> None:
+    args = {"model": nn.Linear(16, 3), "x": torch.rand(4, 16), "y": torch.randint(0, 3, (4,)), "threat": ThreatModel("linf", 0.1)}
+    args.update(kwargs)
+    with pytest.raises(error, match=match) as info:
+        perturb(args.pop("model"), args.pop("x"), args.pop("y"), args.pop("threat"), **args)
+    assert isinstance(info.value, RobustoptError) and "\n" not in str(info.value)
+
+
+def test_per_example_radii_match_the_scalar_threat() -> None:
+    """ThreatModel.project with radius r_i (B,) is the projection onto each example's own ball."""
+    torch.manual_seed(0)
+    x, far = torch.rand(6, 20), torch.rand(6, 20)
+    radius = torch.tensor([0.0, 0.1, 0.2, 0.5, 1.0, 3.0])
+    for norm in NORMS:
+        tm = ThreatModel(norm, 1.0)
+        out = tm.project(far, x, radius)
+        for i, r in enumerate(radius.tolist()):
+            assert torch.allclose(out[i], tm.with_eps(r).project(far[i : i + 1], x[i : i + 1])[0], atol=1e-6), (norm, i)

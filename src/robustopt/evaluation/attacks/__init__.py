@@ -139,7 +139,8 @@ def run_attack(
     check_model(model, where)
     check_grad_mode(where)
     check_inputs(x, y, threat, where)
-    x = x.detach().clone() if x.is_inference() else x.detach()
+    x = x.detach().clone() if x.is_inference() else x.detach()  # made under inference_mode: a normal tensor now
+    y = y.clone() if y.is_inference() else y
     with attack_state(model, where):
         with torch.no_grad():
             check_labels(model(x), y, where)
