@@ -37,7 +37,7 @@ from robustopt.evaluation.attacks import deepfool, pgd
 from robustopt.evaluation.attacks._common import predict
 from robustopt.evaluation.sanity import diameter
 from robustopt.threat.model import ThreatModel
-from robustopt.threat.perturb import check_inputs, check_model, check_threat
+from robustopt.threat.perturb import check_inputs, check_module, check_threat
 
 Tensor = torch.Tensor
 METHODS = ("deepfool", "pgd")
@@ -107,7 +107,7 @@ def minimal_perturbations(
     if method not in METHODS:
         raise ConfigError(f"unknown stability method {method!r}: choose one of {', '.join(METHODS)}")
     check_threat(threat, "minimal_perturbations")
-    check_model(model, "minimal_perturbations")
+    check_module(model, "minimal_perturbations")
     check_inputs(x, y, threat, "minimal_perturbations")
     dev = next(iter(model.parameters()), x).device
     out = []

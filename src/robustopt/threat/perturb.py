@@ -47,7 +47,7 @@ def check_threat(threat: object, where: str = "perturb") -> None:
         raise ConfigError(f"{where}: threat must be a ThreatModel such as ThreatModel('linf', 8 / 255), got {got}")
 
 
-def check_model(model: object, where: str = "perturb") -> None:
+def check_module(model: object, where: str = "perturb") -> None:
     """``model`` must be a ``torch.nn.Module`` (its train/eval flags and BatchNorm statistics are restored after the attack)."""
     if not isinstance(model, nn.Module):
         got = type(model).__name__
@@ -92,8 +92,9 @@ def check_inputs(x: Tensor, y: Tensor | None, threat: ThreatModel, where: str = 
 
 def check_labels(logits: Tensor, y: Tensor, where: str = "perturb") -> None:
     """Logits must be (B, K) with K >= 2 and every label in 0 .. K - 1."""
-    if logits.dim() != 2 or logits.shape[0] != y.shape[0] or logits.shape[1] < 2:
-        raise DataError(f"{where}: the model returned {tuple(logits.shape)}; it must return logits (B, num_classes >= 2)")
+    if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[0] != y.shape[0] or logits.shape[1] < 2:
+        got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+        raise DataError(f"{where}: the model returned {got}; it must return logits (B, num_classes >= 2)")
     if y.dtype == torch.bool or int(y.max()) >= logits.shape[1]:
         raise DataError(
             f"{where}: labels go up to {int(y.max())} but the model returns {logits.shape[1]} classes; "
@@ -242,21 +243,14 @@ def perturb(
             labels); the PGD attack returns its ``x``, the worst case over the whole path.
 
     Returns:
-        x_adv (B, ...), the last iterate, detached, inside ball ∩ box.
-
-    Works inside ``torch.no_grad()``; refuses ``torch.inference_mode()`` with a ConfigError.
+        x_adv (B, ...), the last iterate, detached, inside ball ∩ box. Works inside
+        ``torch.no_grad()``; refuses ``torch.inference_mode()`` with a ConfigError.
 
     Example:
         >>> x_adv = perturb(model, x, y, ThreatModel("linf", 0.1))            # FGSM
         >>> x_adv = perturb(model, x, y, ThreatModel("l2", 1.0), steps=40, random_start=True)
     """
-    if not isinstance(steps, int) or steps < 1:
-        raise ConfigError(f"perturb: steps must be an integer >= 1, got {steps!r}")
-    if not isinstance(step_size, Tensor):
-        check_step_size(step_size)
-    check_model(model)
-    if check:
-        check_inputs(x, None, threat)  # y is whatever loss_fn takes (labels, or TRADES' clean probabilities)
+    _check_arguments(model, x, threat, steps, step_size, check)
     alpha = threat.default_step_size(steps) if step_size is None else step_size
     if isinstance(alpha, Tensor):
         alpha = alpha.reshape(-1, *([1] * (x.dim() - 1)))  # (B,) -> (B, 1, ..., 1)
@@ -273,6 +267,18 @@ def perturb(
                 logits = model(x_adv)
             tracker.update(x_adv, loss_fn(logits, y), logits.argmax(1) != y)
     return x_adv.detach()
+
+
+def _check_arguments(model: nn.Module, x: Tensor, threat: ThreatModel, steps: int, step_size, check: bool) -> None:
+    """perturb's argument checks: a ConfigError or DataError with one line."""
+    if not isinstance(steps, int) or steps < 1:
+        raise ConfigError(f"perturb: steps must be an integer >= 1, got {steps!r}")
+    if not isinstance(step_size, Tensor):
+        check_step_size(step_size)
+    check_module(model)
+    check_threat(threat)
+    if check:
+        check_inputs(x, None, threat)  # y is whatever loss_fn takes (labels, or TRADES' clean probabilities)
 
 
 def ascend(

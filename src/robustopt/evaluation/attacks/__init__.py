@@ -89,7 +89,7 @@ from robustopt.evaluation.attacks.lbfgs import lbfgs
 from robustopt.evaluation.attacks.pgd import pgd
 from robustopt.evaluation.attacks.square import square
 from robustopt.threat.model import ThreatModel
-from robustopt.threat.perturb import attack_state, check_grad_mode, check_inputs, check_labels, check_model
+from robustopt.threat.perturb import attack_state, check_grad_mode, check_inputs, check_labels, check_module
 
 Tensor = torch.Tensor
 ATTACKS: dict[str, Attack] = discover()
@@ -136,7 +136,7 @@ def run_attack(
     if not callable(fn):
         raise ConfigError(f"attack must be a registered name or a function, got {type(attack).__name__}")
     check_options(name, fn, options)
-    check_model(model, where)
+    check_module(model, where)
     check_grad_mode(where)
     check_inputs(x, y, threat, where)
     x = x.detach().clone() if x.is_inference() else x.detach()  # made under inference_mode: a normal tensor now
