@@ -59,7 +59,7 @@ def _binary_search(
     best = torch.full_like(hi, math.inf)
     for _ in range(search_steps + 1):
         mid = torch.where(torch.isinf(best), hi, (lo + hi) / 2)  # first round: the largest ε
-        x_adv = pgd(model, x, y, threat, steps=steps, restarts=restarts, generator=generator, eps=mid, loss=loss)
+        x_adv = pgd(model, x, y, threat, steps=steps, restarts=restarts, generator=generator, radius=mid, loss=loss)
         d = _distances(threat, model, x, y, x_adv)
         found = torch.isfinite(d)
         best = torch.minimum(best, d)

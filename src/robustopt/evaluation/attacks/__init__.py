@@ -106,7 +106,11 @@ def attack_options(name: str) -> dict[str, inspect.Parameter]:
     """The keyword-only options of a registered attack: ``{option: inspect.Parameter}`` (default, annotation).
 
     Example: ``attack_options("pgd")["steps"].default == 40``; ``"restarts" in attack_options("pgd")``;
-    ``"steps" not in attack_options("fgsm")``.
+    ``"steps" not in attack_options("fgsm")``. ``parameter.annotation`` is the hint as written (a
+    string such as ``"int"`` or ``"str | LossFn"``). Options annotated ``int``, ``float``, ``bool`` or
+    ``str`` (possibly ``| None``) make command-line flags; those taking a ``Tensor``, a
+    ``torch.Generator``, a callable or a ``dict`` (``radius``, ``target``, ``generator``, ``stats``)
+    are for Python callers. ``generator`` is in every attack's options.
     """
     return options_of(ATTACKS[check_attack(name)])
 

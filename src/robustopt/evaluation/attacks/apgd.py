@@ -89,7 +89,7 @@ def apgd(
     restarts: int = 1,
     loss: str | LossFn = "ce",
     generator: torch.Generator | None = None,
-    eps: Tensor | None = None,
+    radius: Tensor | None = None,
 ) -> Tensor:
     """APGD with ``loss``; the worst case per example over every iterate of every restart.
 
@@ -103,7 +103,7 @@ def apgd(
         restarts (int): independent random starts. Default 1.
         loss (str | callable): ``"ce"``, ``"dlr"``, ``"margin"`` or ``(logits, y) -> (B,)``. Default ``"ce"``.
         generator (torch.Generator): seeds the random starts.
-        eps (Tensor): optional per-example radii (B,) instead of ε.
+        radius (Tensor): optional per-example radii (B,) instead of ε.
 
     Shape:
         x: (B, ...); y: (B,); returns (B, ...) inside the threat.
@@ -115,7 +115,7 @@ def apgd(
     """
     loss_fn = get_loss(loss)
     x = x.detach()
-    e = threat.radii(x, eps)
+    e = threat.radii(x, radius)
     overall = WorstCase(x)
     with attack_state(model, "apgd"):
         for _ in range(restarts):

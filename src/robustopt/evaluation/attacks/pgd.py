@@ -34,7 +34,7 @@ def pgd(
     loss: str | LossFn = "ce",
     random_start: bool = True,
     generator: torch.Generator | None = None,
-    eps: Tensor | None = None,
+    radius: Tensor | None = None,
 ) -> Tensor:
     """PGD with restarts, the worst case per example over every iterate.
 
@@ -51,7 +51,7 @@ def pgd(
         loss (str | callable): ``"ce"``, ``"dlr"``, ``"margin"`` or ``(logits, y) -> (B,)``. Default ``"ce"``.
         random_start (bool): start the first restart from a uniform point of the ball. Default True.
         generator (torch.Generator): seeds the random starts.
-        eps (Tensor): optional per-example radii (B,) instead of ε (the stability binary search);
+        radius (Tensor): optional per-example radii (B,) instead of ε (the stability binary search);
             α then scales with each radius.
 
     Shape:
@@ -67,7 +67,7 @@ def pgd(
     check_step_size(step_size, "pgd")
     loss_fn = get_loss(loss)
     x = x.detach()
-    radius = threat.radii(x, eps)
+    radius = threat.radii(x, radius)
     alpha = radius * (2.5 / steps) if step_size is None else radius * (step_size / max(threat.eps, 1e-12))
     best = WorstCase(x)
     with attack_state(model, "pgd"):

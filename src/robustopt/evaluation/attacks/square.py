@@ -100,7 +100,7 @@ def square(
     steps: int = 5000,
     p_init: float = 0.8,
     generator: torch.Generator | None = None,
-    eps: Tensor | None = None,
+    radius: Tensor | None = None,
 ) -> Tensor:
     """Square attack: random search over windows of ±ε patterns, keeping proposals that lower the margin.
 
@@ -114,7 +114,7 @@ def square(
             correctly (plus one initial query). Default 5000.
         p_init (float): the initial fraction of the input a window covers. Default 0.8.
         generator (torch.Generator): seeds every random choice.
-        eps (Tensor): optional per-example radii (B,) instead of ε.
+        radius (Tensor): optional per-example radii (B,) instead of ε.
 
     Shape:
         x: (B, ...): images (B, C, H, W) with any H, W, or feature vectors (B, D); y: (B,);
@@ -127,7 +127,7 @@ def square(
     """
     shape, x = x.shape, as_image(x.detach())
     b, c, h, w = x.shape
-    e = threat.radii(x, eps).view(-1, 1, 1, 1)
+    e = threat.radii(x, radius).view(-1, 1, 1, 1)
     unit = threat.norm_of(torch.ones_like(x[:1]))  # ‖1‖_p of a whole input
     with preserve_state(model):
         x_adv = threat.project(x + _signs((b, c, 1, w), generator, x.device) * e / unit, x, e.view(-1))
