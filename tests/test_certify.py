@@ -20,6 +20,7 @@ from robustopt.models.zoo import MLP, Normalized, PaperMNIST, SmallCNN
 from robustopt.threat.model import ThreatModel
 
 TOL = 1e-5
+pytestmark = pytest.mark.usefixtures("one_thread")  # two spinning OpenMP threads on a shared machine are ~10x slower
 
 
 def _bn(c: int) -> nn.BatchNorm2d:

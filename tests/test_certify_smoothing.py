@@ -15,6 +15,8 @@ from robustopt.certify.smoothing import ABSTAIN, certified_radius, clopper_pears
 from robustopt.errors import ConfigError
 from robustopt.threat.model import ThreatModel
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.mark.parametrize("k,n,alpha", [(10, 10, 0.05), (95, 100, 0.001), (500, 1000, 0.01), (7, 20, 0.1)])
 def test_clopper_pearson_matches_the_binomial_tail_by_hand(k: int, n: int, alpha: float) -> None:
