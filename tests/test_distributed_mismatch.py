@@ -160,12 +160,16 @@ def test_torchrun_ranks_with_different_subsets_both_exit_with_a_clear_error(tmp_
     worker = tmp_path / "worker.sh"
     worker.write_text(
         "#!/bin/sh\n"
+        "trap '' TERM\n"  # the wrapper outlives torchrun's SIGTERM to record the rank's status (robustopt sets its own handler)
         'if [ "$RANK" = 1 ]; then S=1000; else S=4000; fi\n'
         f'"{sys.executable}" -m robustopt {" ".join(TRAIN)} --subset $S --out "{tmp_path / "run"}" 2> "$0.err$RANK"\n'
         'rc=$?; echo $rc > "$0.rc$RANK"; exit $rc\n'
     )  # each rank's own stderr and exit status (torchrun's report has a traceback of its own)
     worker.chmod(0o755)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}", "--no-python", str(worker)]
+    # torchrun stops every rank once one has failed; polling every 5 s (not 0.1) lets the other rank, which fails
+    # at the same moment on its own, finish saying so on a loaded machine.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}", "--monitor-interval=5",
+           "--no-python", str(worker)]  # fmt: skip
     proc, elapsed = _run(cmd, timeout=90, env={**os.environ, **ENV})
     assert elapsed < 60, f"took {elapsed:.1f} s"
     assert proc.returncode != 0
@@ -305,7 +309,9 @@ def test_fit_in_a_user_script_refuses_ranks_with_different_data(tmp_path: Path) 
     size, and destroys the group it made (no gloo thread left to abort the process at exit)."""
     script = tmp_path / "user_train.py"
     script.write_text(_USER_SCRIPT)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}", str(script)]
+    # torchrun polls every 5 s, as in the CLI test above
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}", "--monitor-interval=5",
+           str(script)]  # fmt: skip
     _, elapsed = _run([*cmd, str(tmp_path / "run")], timeout=90, env={**os.environ, **ENV})
     assert elapsed < 60
     for rank in range(WORLD):
