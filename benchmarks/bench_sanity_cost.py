@@ -40,16 +40,16 @@ def main() -> None:
     threat = ThreatModel("linf", args.eps)
     kw = {"steps": args.steps, "progress": False, "device": args.device}
     t = time.perf_counter()
-    base = evaluate(model, x, y, args.attack, threat, sanity=False, **kw)
+    base = evaluate(model, x, y, threat, args.attack, sanity=False, **kw)
     t_attack = time.perf_counter() - t
     print(f"# {args.attack} steps={args.steps} linf eps={args.eps} n={len(y)} device={args.device}")
     print(f"attack alone: {t_attack:.1f} s, robust accuracy {base['adversarial_accuracy']:.3f}")
     for mode in args.modes.split(","):
         t = time.perf_counter()
-        res = evaluate(model, x, y, args.attack, threat, sanity=mode if mode != "before" else True, **kw)
+        res = evaluate(model, x, y, threat, args.attack, sanity=mode if mode != "before" else True, **kw)
         total = time.perf_counter() - t
         spent = res.get("seconds_sanity", total - t_attack)
-        failed = [k for k, c in res["sanity"].items() if not c["passed"]]
+        failed = [k for k, c in res.sanity.items() if not c["passed"]]
         plan = res.get("sanity_plan", {})
         print(f"{mode:>6}: checks {spent:.1f} s = {spent / t_attack:.2f} x the attack; n={plan.get('n', 200)} "
               f"plan cost/attack cost={plan.get('cost', float('nan')) / plan.get('attack_cost', float('nan')):.2f}; "

@@ -13,9 +13,9 @@ from torch import nn
 
 from robustopt.errors import ConfigError, DataError
 from robustopt.evaluation.attacks._common import predict
-from robustopt.evaluation.evaluate import ThreatViolation, evaluate
+from robustopt.evaluation.evaluate import ThreatViolation, enforce, evaluate
 from robustopt.evaluation.sanity import FULL, attack_cost, light_plan, output_checks, run_checks
-from robustopt.runs import load_model
+from robustopt.loading import load_model
 from robustopt.threat.model import ThreatModel
 
 
@@ -36,14 +36,22 @@ def std_model(standard_run):
     return load_model(standard_run)
 
 
-def test_evaluator_rejects_an_attack_that_leaves_the_ball(std_model, mnist_test_batch):
+def test_an_attack_that_leaves_the_ball_is_pulled_back_and_the_evaluator_asserts_the_ball(std_model, mnist_test_batch):
     x, y = mnist_test_batch[0][:8], mnist_test_batch[1][:8]
+    threat = ThreatModel("linf", 0.1)
 
     def cheat(model, x, y, threat):
         return x + 2 * threat.eps * torch.sign(torch.randn_like(x))
 
+    seen = []
+    res = evaluate(std_model, x, y, threat, cheat, sanity=False, progress=False)  # run_attack projects at the edge
+    assert res.attack == "cheat" and 0.0 <= res.adversarial_accuracy <= res.clean_accuracy
+    seen.append(res)
     with pytest.raises(ThreatViolation, match="outside the linf ball"):
-        evaluate(std_model, x, y, cheat, ThreatModel("linf", 0.1), sanity=False, progress=False)
+        enforce(threat, cheat(std_model, x, y, threat), x, "cheat")  # the evaluator's own check, behind the edge
+    half = x.half()
+    rounded = threat.project(half.float() + 0.1, half.float()).half()  # a float16 input: rounding is not a violation
+    assert enforce(threat, rounded, half, "fp16").dtype == torch.float16
 
 
 def test_evaluator_clips_to_the_box_and_counts_worst_case_per_example(std_model, mnist_test_batch):
@@ -53,67 +61,93 @@ def test_evaluator_clips_to_the_box_and_counts_worst_case_per_example(std_model,
     def out_of_box(model, x, y, threat):  # in the ball but outside [0, 1]: clipping makes it x itself
         return x - threat.eps * (x == 0).float()
 
-    res = evaluate(std_model, x, y, out_of_box, ThreatModel("linf", 0.1), sanity=False, progress=False)
-    assert res["adversarial_accuracy"] == res["clean_accuracy"]
-    res = evaluate(std_model, x, wrong, "fgsm", ThreatModel("linf", 0.0), sanity=False, progress=False)
-    assert res["clean_accuracy"] == res["adversarial_accuracy"] <= 0.1  # wrong labels: never robust
-    res = evaluate(std_model, x, y, "fgsm", ThreatModel("linf", 0.1), sanity=False, progress=False)
+    res = evaluate(std_model, x, y, ThreatModel("linf", 0.1), out_of_box, sanity=False, progress=False)
+    assert res.adversarial_accuracy == res.clean_accuracy
+    res = evaluate(std_model, x, wrong, ThreatModel("linf", 0.0), "fgsm", sanity=False, progress=False)
+    assert res.clean_accuracy == res.adversarial_accuracy <= 0.1  # wrong labels: never robust
+    res = evaluate(std_model, x, y, ThreatModel("linf", 0.1), "fgsm", sanity=False, progress=False)
     clean = predict(std_model, x) == y
-    assert not bool((res["robust_mask"] & ~clean).any())
-    assert res["adversarial_accuracy"] == pytest.approx(float(res["robust_mask"].float().mean()))
+    assert not bool((res.robust_mask & ~clean).any())
+    assert res.adversarial_accuracy == pytest.approx(float(res.robust_mask.float().mean()))
 
 
 def test_transfer_from_the_model_itself_equals_white_box_and_from_another_differs(std_model, robust_run, mnist_test_batch):
     x, y = mnist_test_batch[0][:60], mnist_test_batch[1][:60]
     threat = ThreatModel("linf", 0.15)
     kw = {"steps": 5, "sanity": False, "progress": False}
-    white = evaluate(std_model, x, y, "pgd", threat, **kw)
-    self_transfer = evaluate(std_model, x, y, "pgd", threat, source_model=std_model, **kw)
-    assert self_transfer["transfer"] and torch.equal(white["robust_mask"], self_transfer["robust_mask"])
+    white = evaluate(std_model, x, y, threat, "pgd", **kw)
+    self_transfer = evaluate(std_model, x, y, threat, "pgd", source_model=std_model, **kw)
+    assert self_transfer.transfer and torch.equal(white.robust_mask, self_transfer.robust_mask)
     robust_model = load_model(robust_run)
-    transfer = evaluate(robust_model, x, y, "fgsm", threat, source_model=std_model, **kw)
+    transfer = evaluate(robust_model, x, y, threat, "fgsm", source_model=std_model, sanity=False, progress=False)
     from robustopt.evaluation.attacks import fgsm
 
     expect = (predict(robust_model, x) == y) & (predict(robust_model, fgsm(std_model, x, y, threat)) == y)
-    assert torch.equal(transfer["robust_mask"], expect)
+    assert torch.equal(transfer.robust_mask, expect)
 
 
 def test_partial_results_are_resumed_not_recomputed(std_model, mnist_test_batch, tmp_path):
     x, y = mnist_test_batch[0][:24], mnist_test_batch[1][:24]
     threat, part = ThreatModel("linf", 0.1), tmp_path / "partial.json"
     kw = {"steps": 3, "batch_size": 8, "sanity": False, "progress": False, "partial_path": part}
-    full = evaluate(std_model, x, y, "pgd", threat, **kw)
+    full = evaluate(std_model, x, y, threat, "pgd", **kw)
     saved = json.loads(part.read_text())
     # Pretend the run stopped after one batch, with a marker the evaluator could not recompute.
     saved["clean"], saved["robust"] = [True] * 8, [False] * 8
     part.write_text(json.dumps(saved))
-    resumed = evaluate(std_model, x, y, "pgd", threat, **kw)
-    assert resumed["robust_mask"][:8].sum() == 0
-    assert torch.equal(resumed["robust_mask"][8:], full["robust_mask"][8:])  # same per-batch seeds
-    other = evaluate(std_model, x, y, "pgd", threat.with_eps(0.05), **kw)  # other settings: starts afresh
-    assert other["n"] == 24 and json.loads(part.read_text())["key"]["eps"] == 0.05
+    resumed = evaluate(std_model, x, y, threat, "pgd", **kw)
+    assert resumed.robust_mask[:8].sum() == 0
+    assert torch.equal(resumed.robust_mask[8:], full.robust_mask[8:])  # same per-batch seeds
+    other = evaluate(std_model, x, y, threat.with_eps(0.05), "pgd", **kw)  # other settings: starts afresh
+    assert other.n == 24 and json.loads(part.read_text())["key"]["eps"] == 0.05
 
 
-def test_a_partial_file_of_another_model_or_other_data_is_not_reused(std_model, robust_run, mnist_test_batch, tmp_path):
+def test_a_partial_file_of_another_model_or_other_data_is_refused_and_left_untouched(
+    std_model, robust_run, mnist_test_batch, tmp_path
+):
     x, y = mnist_test_batch[0][:16], mnist_test_batch[1][:16]
     threat, part = ThreatModel("linf", 0.1), tmp_path / "partial.json"
     kw = {"steps": 2, "batch_size": 8, "sanity": False, "progress": False, "partial_path": part}
-    evaluate(std_model, x, y, "pgd", threat, **kw)
-    saved = json.loads(part.read_text())
-    saved["clean"], saved["robust"] = [False] * 8, [False] * 8  # a marker: reused results would show 0 clean in batch 1
-    part.write_text(json.dumps(saved))
-    other = load_model(robust_run)
-    assert evaluate(other, x, y, "pgd", threat, **kw)["clean_accuracy"] > 0.5  # B never reads A's results
-    part.write_text(json.dumps(saved))
-    assert evaluate(std_model, x.flip(0), y.flip(0), "pgd", threat, **kw)["clean_accuracy"] > 0.5  # nor other data
-    key = json.loads(part.read_text())["key"]
+    evaluate(std_model, x, y, threat, "pgd", **kw)
+    before = part.read_bytes()
+    with pytest.raises(ConfigError, match="another model or data set"):
+        evaluate(load_model(robust_run), x, y, threat, "pgd", **kw)  # B never reads, nor overwrites, A's results
+    with pytest.raises(ConfigError, match="another model or data set"):
+        evaluate(std_model, x.flip(0), y.flip(0), threat, "pgd", **kw)  # nor other data
+    assert part.read_bytes() == before
+    key = json.loads(before)["key"]
     assert {"model_sha256", "source_sha256", "data_sha256"} <= set(key) and key["source_sha256"] is None
-    kw["attack_kwargs"] = {"loss": "dlr"}  # attack options are part of the key and survive the JSON round trip
-    evaluate(std_model, x, y, "pgd", threat, **kw)
+    kw["options"] = {"loss": "dlr"}  # attack options are part of the key and survive the JSON round trip
+    evaluate(std_model, x, y, threat, "pgd", **kw)
     saved = json.loads(part.read_text())
     saved["clean"], saved["robust"] = [False] * 8, [False] * 8
     part.write_text(json.dumps(saved))
-    assert evaluate(std_model, x, y, "pgd", threat, **kw)["robust_mask"][:8].sum() == 0  # resumed from the file
+    assert evaluate(std_model, x, y, threat, "pgd", **kw).robust_mask[:8].sum() == 0  # resumed from the file
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        {"train": {"epochs": 3}},  # another run's config.json
+        "edited",  # a partial whose robust flags exceed its clean flags (an accuracy of 2.0 in a report)
+        "too_long",  # more flags than examples
+    ],
+)
+def test_partial_is_refused_when_it_is_not_this_evaluations_results(std_model, mnist_test_batch, tmp_path, content):
+    x, y = mnist_test_batch[0][:16], mnist_test_batch[1][:16]
+    threat, part = ThreatModel("linf", 0.1), tmp_path / "partial.json"
+    kw = {"steps": 2, "batch_size": 8, "sanity": False, "progress": False, "partial_path": part}
+    if isinstance(content, dict):
+        part.write_text(json.dumps(content))
+    else:
+        evaluate(std_model, x, y, threat, "pgd", **kw)
+        saved = json.loads(part.read_text())
+        saved["clean"], saved["robust"] = ([False] * 8, [True] * 8) if content == "edited" else ([True] * 20, [True] * 20)
+        part.write_text(json.dumps(saved))
+    before = part.read_bytes()
+    with pytest.raises(ConfigError, match="--partial"):
+        evaluate(std_model, x, y, threat, "pgd", **kw)
+    assert part.read_bytes() == before
 
 
 def test_a_gradient_masked_model_trips_the_sanity_checks_and_square_still_breaks_it(std_model, mnist_test_batch):
@@ -161,11 +195,11 @@ def test_randomised_and_probability_models_trip_their_checks_and_a_plain_model_n
 def test_a_randomised_model_is_attacked_with_eot_and_the_warning_says_what_to_do(std_model, mnist_test_batch):
     x, y = mnist_test_batch[0][:16], mnist_test_batch[1][:16]
     lines: list[str] = []
-    res = evaluate(Randomised(std_model), x, y, "fgsm", ThreatModel("linf", 0.1), sanity=False, progress=False,
+    res = evaluate(Randomised(std_model), x, y, ThreatModel("linf", 0.1), "fgsm", sanity=False, progress=False,
                    eot_samples=4, log=lines.append)  # fmt: skip
-    assert res["eot"] and any("randomness" in ln for ln in lines) and any("what to do" in ln for ln in lines)
-    plain = evaluate(std_model, x, y, "fgsm", ThreatModel("linf", 0.1), sanity=False, progress=False, log=lines.append)
-    assert not plain["eot"]
+    assert res.eot and any("randomness" in ln for ln in lines) and any("what to do" in ln for ln in lines)
+    plain = evaluate(std_model, x, y, ThreatModel("linf", 0.1), "fgsm", sanity=False, progress=False, log=lines.append)
+    assert not plain.eot
 
 
 def test_light_checks_are_budgeted_at_a_quarter_of_the_attack():
@@ -187,13 +221,13 @@ def test_light_checks_are_budgeted_at_a_quarter_of_the_attack():
 
 def test_evaluate_records_its_check_plan_and_per_component_counts(std_model, mnist_test_batch):
     x, y = mnist_test_batch[0][:24], mnist_test_batch[1][:24]
-    res = evaluate(std_model, x, y, "pgd", ThreatModel("linf", 0.1), steps=4, progress=False)
-    assert res["sanity_plan"]["mode"] == "light" and res["sanity_plan"]["steps"] == 0 and res["sanity_plan"]["n"] == 16
-    assert {"randomness", "logits", "large_eps", "more_steps"} <= set(res["sanity"])
-    auto = evaluate(std_model, x, y, "auto", ThreatModel("linf", 0.1), steps=3, sanity=False, progress=False,
-                    attack_kwargs={"n_targets": 2, "queries": 10})  # fmt: skip
-    counts = list(auto["components"].values())
-    assert counts[0] == round(auto["clean_accuracy"] * 24) and counts[-1] == round(auto["adversarial_accuracy"] * 24)
+    res = evaluate(std_model, x, y, ThreatModel("linf", 0.1), "pgd", steps=4, progress=False)
+    assert res.sanity_plan["mode"] == "light" and res.sanity_plan["steps"] == 0 and res.sanity_plan["n"] == 16
+    assert {"randomness", "logits", "large_eps", "more_steps"} <= set(res.sanity)
+    auto = evaluate(std_model, x, y, ThreatModel("linf", 0.1), "auto", steps=3, sanity=False, progress=False,
+                    options={"n_targets": 2, "queries": 10})  # fmt: skip
+    counts = list(auto.components.values())
+    assert counts[0] == round(auto.clean_accuracy * 24) and counts[-1] == round(auto.adversarial_accuracy * 24)
 
 
 @pytest.mark.parametrize(
@@ -209,7 +243,7 @@ def test_bad_inputs_are_typed_one_line_errors_not_attack_bugs(std_model, mnist_t
     from robustopt.threat.perturb import perturb
 
     x, y = change(mnist_test_batch[0][:8], mnist_test_batch[1][:8])
-    calls = [lambda: evaluate(std_model, x, y, "pgd", ThreatModel("linf", 0.1), steps=2, progress=False)]
+    calls = [lambda: evaluate(std_model, x, y, ThreatModel("linf", 0.1), "pgd", steps=2, progress=False)]
     if needle != "labels of shape":  # perturb passes y to the loss as it is (TRADES gives it probabilities)
         calls.append(lambda: perturb(std_model, x, y, ThreatModel("linf", 0.1)))
     for call in calls:
@@ -240,9 +274,9 @@ def test_a_model_with_the_wrong_number_of_classes_or_input_shape_fails_before_an
         return x
 
     with pytest.raises(DataError, match="returns 5 classes but the data has 10"):
-        evaluate(five, x, y, spy, ThreatModel("linf", 0.1), progress=False, num_classes=10)
+        evaluate(five, x, y, ThreatModel("linf", 0.1), spy, progress=False, num_classes=10)
     with pytest.raises(DataError, match="rejected inputs of shape"):
-        evaluate(nn.Sequential(nn.Flatten(), nn.Linear(100, 10)), x, y, spy, ThreatModel("linf", 0.1), progress=False)
+        evaluate(nn.Sequential(nn.Flatten(), nn.Linear(100, 10)), x, y, ThreatModel("linf", 0.1), spy, progress=False)
     assert not attacked
 
 
@@ -320,8 +354,9 @@ def test_cli_evaluates_any_model_from_a_factory_and_foreign_weights(standard_run
         (["--model", "usernets:paper", "--weights", "W"], "exactly one of --dataset"),
         (["--model", "usernets:five", "--weights", "W", "--dataset", "mnist"], "does not match the model architecture"),
         (["--model", "usernets:five", "--weights", "FIVE", "--dataset", "mnist"], "returns 5 classes but the data has 10"),
-        (["RUN", "--queries", "0", "--attack", "autoattack"], "--targets and --queries must be >= 1"),
-        (["RUN", "--targets", "-2", "--attack", "autoattack"], "--targets and --queries must be >= 1"),
+        (["RUN", "--queries", "0", "--attack", "autoattack"], "--queries must be >= 1"),
+        (["RUN", "--n-targets", "-2", "--attack", "autoattack"], "--n-targets must be >= 1"),
+        (["RUN", "--loss", "dlr", "--attack", "square"], "--loss does not apply to --attack square"),
         (["RUN", "--robustbench-json", "rb.json"], "use it with --attack autoattack"),
         (["RUN", "--source", "CIFAR_RUN"], "was trained on 'cifar10'"),
         (["RUN", "--sanity", "some"], "--sanity must be light, full or off"),
@@ -358,7 +393,7 @@ def test_cli_evaluate_bad_models_and_flags_are_one_line_errors_before_any_attack
 def test_cli_robustbench_json_holds_the_model_card_fields(standard_run, tmp_path):
     out = tmp_path / "card.json"
     p = _cli("evaluate", str(standard_run), "--attack", "autoattack", "--eps", "0.05", "--subset", "12", "--steps", "3",
-             "--targets", "2", "--queries", "20", "--no-sanity", "--no-progress", "--robustbench-json", str(out))  # fmt: skip
+             "--n-targets", "2", "--queries", "20", "--no-sanity", "--no-progress", "--robustbench-json", str(out))  # fmt: skip
     assert p.returncode == 0, p.stderr
     card = json.loads(out.read_text())
     assert {"clean_acc", "autoattack_acc", "eps", "threat_model", "n_examples", "attack_version"} <= set(card)

@@ -19,14 +19,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from robustopt.data.datasets import Dataset, to_float
+from robustopt.files import read_json
+from robustopt.loading import load_model
 from robustopt.models.zoo import build_model
-from robustopt.runs import load_model, read_json, read_metrics
+from robustopt.rundir import read_metrics
 from robustopt.threat.model import ThreatModel
 from robustopt.training.config import TrainConfig
-from robustopt.training.loop import accuracy, context_for, train
+from robustopt.training.metrics import accuracy, guard_accuracy
+from robustopt.training.named import train
 from robustopt.training.objectives import StepContext, train_step
+from robustopt.training.setup import context_for
 
-train_module = importlib.import_module("robustopt.training.loop")  # the package re-exports the function `train`
+train_module = importlib.import_module("robustopt.training.loop")
+named_module = importlib.import_module("robustopt.training.named")  # the package re-exports the function `train`
 
 
 def _mnist_model() -> nn.Module:
@@ -88,14 +93,14 @@ def _fast_run(tmp: Path, monkeypatch: pytest.MonkeyPatch, guard_accs: list[float
     """Train ``fast`` with the guard's PGD accuracies scripted; returns (summary, weights seen by each guard call)."""
     snapshots: list[dict] = []
 
-    def scripted_guard(ctx, held, device):
-        assert len(held[1]) == 500  # the held-out images
-        snapshots.append({k: v.detach().clone() for k, v in ctx.attack_model.state_dict().items()})
+    def scripted_guard(model, threat, x, y, generator):
+        assert len(y) == 500  # the held-out images
+        snapshots.append({k: v.detach().clone() for k, v in model.state_dict().items()})
         return guard_accs[len(snapshots) - 1]
 
-    monkeypatch.setattr(train_module, "_guard_check", scripted_guard)
+    monkeypatch.setattr(train_module, "guard_accuracy", scripted_guard)
     cfg = TrainConfig(method="fast", model="mlp", eps=0.1, lr=0.05, batch_size=100, subset=1500, epochs=epochs, guard_drop=0.2)
-    summary = train(cfg, tmp, device="cpu", progress_bar=False, log=lambda s: None)
+    summary = train(cfg, tmp, device="cpu", progress=False, log=lambda s: None)
     return summary, snapshots
 
 
@@ -103,7 +108,7 @@ def test_fast_guard_restores_the_best_weights_and_stops_on_collapse(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mnist: Dataset
 ) -> None:
     summary, snapshots = _fast_run(tmp_path, monkeypatch, [0.5, 0.8, 0.55, 0.9], epochs=4)
-    assert summary["stopped_early_at"] == 3 and summary["epochs"] == 3 and len(snapshots) == 3
+    assert summary.stopped_early_at == 3 and summary.epochs == 3 and len(snapshots) == 3
     model = load_model(tmp_path)
     for k, v in model.state_dict().items():  # the saved model is epoch 2's (best guard), not epoch 3's
         assert torch.equal(v, snapshots[1][k]), k
@@ -116,7 +121,7 @@ def test_fast_guard_restores_the_best_weights_and_stops_on_collapse(
 
 def test_fast_guard_tolerates_a_drop_smaller_than_guard_drop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     summary, snapshots = _fast_run(tmp_path, monkeypatch, [0.8, 0.65], epochs=2)
-    assert summary["stopped_early_at"] is None and len(snapshots) == 2
+    assert summary.stopped_early_at is None and len(snapshots) == 2
     model = load_model(tmp_path)
     assert all(torch.equal(v, snapshots[1][k]) for k, v in model.state_dict().items())  # last, not best, weights
 
@@ -128,8 +133,10 @@ def test_real_guard_check_is_the_pgd_accuracy_of_the_held_out_images(mnist: Data
     held = (mnist.x_train[-500:], mnist.y_train[-500:])
     dev = torch.device("cpu")
     clean = accuracy(model, held[0], held[1], dev)
-    tiny = train_module._guard_check(_free_context(model, "linf", 1e-6, replays=1, lr=0.01), held, dev)
-    large = train_module._guard_check(_free_context(model, "linf", 0.3, replays=1, lr=0.01), held, dev)
+    x, y = held[0].float() / 255, held[1]
+    gen = torch.Generator().manual_seed(0)
+    tiny = guard_accuracy(model, ThreatModel("linf", 1e-6), x, y, gen)
+    large = guard_accuracy(model, ThreatModel("linf", 0.3), x, y, gen)
     assert tiny == pytest.approx(clean, abs=1 / 500) and clean > 0.02
     assert 0.0 <= large < clean
     assert model.training  # mode restored
@@ -138,18 +145,18 @@ def test_real_guard_check_is_the_pgd_accuracy_of_the_held_out_images(mnist: Data
 def test_bf16_autocast_trains_an_epoch_on_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """--amp bf16: the convolutions really run in bfloat16 during training, and the epoch still learns."""
     dtypes: set[torch.dtype] = set()
-    real_build = train_module.build_model
+    real_build = named_module.build
 
     def build_with_probe(*args, **kwargs):
         model = real_build(*args, **kwargs)
         model.features[3].register_forward_hook(lambda m, i, out: dtypes.add(out.dtype) if m.training else None)
         return model
 
-    monkeypatch.setattr(train_module, "build_model", build_with_probe)
+    monkeypatch.setattr(named_module, "build", build_with_probe)
     cfg = TrainConfig(method="robust", eps=0.1, lr=0.05, batch_size=50, subset=2000, epochs=1, amp="bf16")
-    summary = train(cfg, tmp_path, device="cpu", progress_bar=False, log=lambda s: None)
+    summary = train(cfg, tmp_path, device="cpu", progress=False, log=lambda s: None)
     assert dtypes == {torch.bfloat16}
-    assert summary["test_acc"] > 0.5  # chance is 0.1; fp32 reaches about 0.75 here
+    assert summary.test_acc > 0.5  # chance is 0.1; fp32 reaches about 0.75 here
     assert load_model(tmp_path).features[3].weight.dtype == torch.float32  # master weights stay fp32
 
 

@@ -4,19 +4,20 @@ Rules it enforces on every attack's output (foolbox's idea: an attack cannot che
 
 * the result is clipped to the data domain;
 * ``‖x_adv − x‖ ≤ ε + tol`` and ``x_adv ∈ [lo, hi]`` are asserted per example
-  (:class:`ThreatViolation` otherwise);
+  (:class:`ThreatViolation` otherwise; tol allows one rounding step of a float16/bfloat16 input);
 * an example counts as robust only if it is classified correctly on x *and* on x_adv (x is
   itself in the threat model): the worst case per example.
 
 Protocols: white-box (attack the evaluated model) and, with ``source_model``, the paper's
 transfer protocol (adversarial examples built once on a source model, e.g. the baseline,
 and evaluated on the target). Long evaluations can save partial results after every batch
-to ``partial_path`` (JSON) and continue from there. Randomness is seeded per batch from
-``seed``, so a continued run gives the same numbers as an uninterrupted one.
+to ``partial_path`` (JSON, :mod:`robustopt.evaluation.partial`) and continue from there.
+Randomness is seeded per batch from ``seed``, so a continued run gives the same numbers as an
+uninterrupted one.
 
 Example:
-    >>> res = evaluate(model, x, y, "pgd", ThreatModel("linf", 0.3), steps=40, restarts=2)
-    >>> res["clean_accuracy"], res["adversarial_accuracy"], res["sanity"]["large_eps"]["passed"]
+    >>> res = evaluate(model, x, y, ThreatModel("linf", 0.3), "pgd", steps=40, restarts=2)
+    >>> res.clean_accuracy, res.adversarial_accuracy, res.sanity["large_eps"]["passed"]
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,19 +37,50 @@ from robustopt.errors import ConfigError, DataError, RobustoptError
 from robustopt.evaluation import sanity as sanity_checks
 from robustopt.evaluation.attacks import check_attack, run_attack
 from robustopt.evaluation.attacks._common import predict
+from robustopt.evaluation.attacks._registry import accepts_any, name_of
 from robustopt.evaluation.eot import ExpectedLogits
+from robustopt.evaluation.partial import check_partial_path, load_partial, save_partial
 from robustopt.evaluation.sanity import FULL, CheckPlan, light_plan
-from robustopt.runs import content_hash, read_json, unwrap, write_json
+from robustopt.tensors import content_hash, unwrap
 from robustopt.threat.model import ThreatModel
 from robustopt.threat.perturb import check_inputs, preserve_state
 
 Tensor = torch.Tensor
-AttackFn = Callable[[nn.Module, Tensor, Tensor, ThreatModel], Tensor]
+AttackFn = Callable[..., Tensor]
 Log = Callable[[str], None]
 TOL = 1e-5
 GRADIENT_FREE = {"square", "auto", "autoattack"}  # attacks with a black-box part
 CASCADES = ("auto", "autoattack")  # report robust counts per component
 DEFAULT_STEPS = {"pgd": 40, "bim": 40, "apgd-ce": 100}
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """What :func:`evaluate` measured. ``to_dict()`` is its JSON form (without the per-example mask)."""
+
+    clean_accuracy: float
+    adversarial_accuracy: float  # robust accuracy: correct on x and on x_adv
+    attack: str
+    norm: str
+    eps: float
+    n: int
+    steps: int | None
+    restarts: int
+    seed: int
+    transfer: bool
+    eot: bool  # the model was randomised and attacked through expected logits
+    seconds: float
+    seconds_attack: float
+    robust_mask: Tensor = field(repr=False)  # (N,) bool: robust examples
+    components: dict[str, int] | None = None  # robust counts after each part of auto / autoattack
+    sanity: dict[str, dict[str, Any]] | None = None
+    sanity_plan: dict[str, Any] | None = None
+    seconds_sanity: float | None = None
+    key: dict[str, Any] = field(default_factory=dict, repr=False)  # what identifies this evaluation (partial files)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("robust_mask", "key")}
+        return {k: v for k, v in out.items() if v is not None or k == "steps"}
 
 
 class ThreatViolation(RobustoptError):
@@ -62,11 +94,15 @@ def _stderr(msg: str) -> None:
 
 
 def enforce(threat: ThreatModel, x_adv: Tensor, x: Tensor, name: str) -> Tensor:
-    """Clip x_adv to the box and assert every example lies in the ball (up to TOL)."""
+    """Clip x_adv to the box and assert every example lies in the ball, up to TOL (or, for a float16 or
+    bfloat16 input, one rounding step per coordinate: such a point was rounded, not moved by the attack)."""
     x_adv = threat.clip(x_adv.detach())
-    ok = threat.contains(x_adv, x, atol=TOL)
+    atol = TOL
+    if x.dtype in (torch.float16, torch.bfloat16):
+        atol = max(TOL, torch.finfo(x.dtype).eps * float(threat.norm_of(torch.ones_like(x[:1]).float())))
+    ok = threat.contains(x_adv.float(), x.float(), atol=atol)
     if not bool(ok.all()):
-        worst = float(threat.norm_of(x_adv - x).max())
+        worst = float(threat.norm_of(x_adv.float() - x.float()).max())
         raise ThreatViolation(
             f"attack {name} returned {int((~ok).sum())} points outside the {threat.norm} ball of radius {threat.eps:g} "
             f"(largest norm {worst:.6g}); this is a bug in the attack"
@@ -74,33 +110,15 @@ def enforce(threat: ThreatModel, x_adv: Tensor, x: Tensor, name: str) -> Tensor:
     return x_adv
 
 
-def _attack_fn(attack: str | AttackFn, steps: int | None, restarts: int, attack_kwargs: dict[str, Any]) -> tuple[str, Callable]:
-    """(name, fn(model, x, y, threat, generator, **extra) -> x_adv) for a registered name or a callable."""
-    if callable(attack):
-        return getattr(attack, "__name__", "custom"), lambda m, x, y, t, g, **_: attack(m, x, y, t)
-    name = check_attack(attack)
-    return name, lambda m, x, y, t, g, **extra: run_attack(
-        name, m, x, y, t, steps=steps, restarts=restarts, generator=g, **attack_kwargs, **extra
-    )
-
-
 def _weights_hash(model: nn.Module | None) -> str | None:
     """sha256 of a model's weights and buffers: a partial file belongs to exactly these weights."""
     return None if model is None else content_hash(unwrap(model).state_dict())
 
 
-def _load_partial(path: Path | None, key: dict[str, Any]) -> tuple[list[bool], list[bool], dict[str, int]]:
-    """Clean and robust flags (and cascade counts) of the examples already done by an earlier run with the same key."""
-    if path is None or not Path(path).is_file():
-        return [], [], {}
-    saved = read_json(Path(path))
-    if not isinstance(saved, dict) or saved.get("key") != key:
-        return [], [], {}
-    return list(saved["clean"]), list(saved["robust"]), dict(saved.get("components") or {})
-
-
 def check_model(model: nn.Module, x: Tensor, y: Tensor, what: str = "model", num_classes: int | None = None) -> None:
     """Refuse a model that rejects the inputs or returns the wrong number of classes, before any attack runs."""
+    if not isinstance(model, nn.Module) and not callable(model):
+        raise ConfigError(f"{what} must be a torch.nn.Module, got {type(model).__name__}")
     try:
         with torch.no_grad(), preserve_state(model):
             out = model(x)
@@ -118,12 +136,6 @@ def check_model(model: nn.Module, x: Tensor, y: Tensor, what: str = "model", num
         raise DataError(f"{what} returns {out.shape[1]} classes but the data has {need}; use a model built for this data set")
 
 
-def _batch_masks(model, attacker, fn, xb, yb, threat, name, gen, extra) -> tuple[Tensor, Tensor]:
-    clean = predict(model, xb) == yb
-    x_adv = enforce(threat, fn(attacker, xb, yb, threat, gen, **extra), xb, name)
-    return clean, clean & (predict(model, x_adv) == yb)
-
-
 def _sanity_mode(sanity: bool | str) -> str:
     mode = {True: "light", False: "off"}.get(sanity, sanity) if isinstance(sanity, bool) else sanity
     if mode not in ("light", "full", "off"):
@@ -135,74 +147,137 @@ def evaluate(
     model: nn.Module,
     x: Tensor,
     y: Tensor,
-    attack: str | AttackFn,
     threat: ThreatModel,
+    attack: str | AttackFn = "pgd",
     *,
     steps: int | None = None,
     restarts: int = 1,
+    options: dict[str, Any] | None = None,
     batch_size: int = 500,
     source_model: nn.Module | None = None,
     device: str | torch.device | None = None,
     seed: int = 0,
-    progress: bool = True,
+    progress: bool | None = None,
     partial_path: str | Path | None = None,
     sanity: bool | str = True,
     sanity_n: int | None = None,
     sanity_options: dict[str, Any] | None = None,
-    attack_kwargs: dict[str, Any] | None = None,
     num_classes: int | None = None,
     eot_samples: int = 20,
-    log: Log = _stderr,
-) -> dict[str, Any]:
-    """Evaluate ``model`` on (x (N, C, H, W) in the box, y (N,)) under ``attack`` within ``threat``.
+    log: Log | None = None,
+    advice: str = "python",
+) -> EvalResult:
+    """Robust accuracy of ``model`` on (x (N, ...) in the box, y (N,)) under ``attack`` within ``threat``.
 
-    ``attack`` is a name of :data:`robustopt.evaluation.attacks.ATTACKS` or a callable
-    ``(model, x, y, threat) -> x_adv``. ``device`` defaults to the model's; if given, the
-    model(s) are moved there. ``sanity``: True or "light" (checks costing about a quarter of
-    the attack), "full" (the heavy version, ``sanity_n`` examples, default 200) or False.
-    ``sanity_options`` go to :func:`robustopt.evaluation.sanity.run_checks` (steps, queries, tol, ...).
-    A randomised model (two forward passes disagree) is attacked with EOT over ``eot_samples``.
-    Returns a dict with clean_accuracy, adversarial_accuracy, attack, norm, eps, n, steps,
-    restarts, seed, transfer, seconds, seconds_attack, sanity, components (auto, autoattack)
-    and robust_mask (a bool tensor (N,), not JSON: drop it before serialising).
+    ``attack`` is a registered name (:data:`robustopt.evaluation.attacks.ATTACKS`) or a function
+    following the attack protocol ``(model, x, y, threat, **options) -> x_adv``; ``steps`` and
+    ``restarts`` are its budget where it has them, ``options`` its other keyword options (checked
+    against its signature). ``device`` defaults to the model's. ``sanity``: True or "light" (checks
+    costing about a quarter of the attack), "full" (``sanity_n`` examples, default 200) or False;
+    ``sanity_options`` go to :func:`robustopt.evaluation.sanity.run_checks`. A randomised model (two
+    forward passes disagree) is attacked with EOT over ``eot_samples``. ``progress``: a bar (default:
+    only on a terminal); ``log``: where warnings go (default stderr); ``advice``: "python" or "cli", the
+    words failed checks use. Works inside ``torch.no_grad()``; ``torch.inference_mode()`` is refused.
     """
     t0 = time.time()
-    check_inputs(x, y, threat, where="evaluate")
-    check_batch(batch_size, restarts, steps)
-    threat.check_fits(tuple(x.shape[1:]))
+    _check_call(model, x, y, threat, batch_size, restarts, steps)
     mode = _sanity_mode(sanity)
+    log = log or _stderr
     dev = torch.device(device) if device is not None else next(iter(model.parameters()), torch.empty(0)).device
     model = model.to(dev)
     source_model = source_model.to(dev) if source_model is not None else None
-    attacker, outputs = _checked_attacker(model, source_model, x, y, dev, num_classes, eot_samples, log)
-    name, fn = _attack_fn(attack, steps, restarts, attack_kwargs or {})
+    attacker, outputs = _checked_attacker(model, source_model, x, y, dev, num_classes, eot_samples, log, advice)
+    name, run = _attack_fn(attack, steps, restarts, options or {})
+    key = _key(name, threat, steps, restarts, seed, x, y, batch_size, source_model, attacker is not model, options or {})
+    partial = _partial(Path(partial_path) if partial_path else None, key, model, source_model, x, y)
+    clean, robust, stats = load_partial(partial, key)
+    show = sys.stderr.isatty() if progress is None else progress
+    clean, robust = _attack_batches(model, attacker, run, x, y, threat, name, key, partial, (clean, robust, stats), dev, show)
+    result = EvalResult(
+        clean_accuracy=sum(clean) / len(y), adversarial_accuracy=sum(robust) / len(y), attack=name, norm=threat.norm,
+        eps=threat.eps, n=len(y), steps=steps, restarts=restarts, seed=seed, transfer=source_model is not None,
+        eot=attacker is not model and source_model is None, seconds=0.0, seconds_attack=time.time() - t0,
+        robust_mask=torch.tensor(robust, dtype=torch.bool), components=dict(stats) if name in CASCADES else None, key=key,
+    )  # fmt: skip
+    if mode != "off":
+        result = _with_sanity(result, model, x, y, threat, outputs, mode, sanity_n, sanity_options or {}, dev, log, advice)
+    return replace(result, seconds=time.time() - t0)
+
+
+def _check_call(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, batch_size: int, restarts: int,
+                steps: int | None) -> None:  # fmt: skip
+    if torch.is_inference_mode_enabled():
+        raise ConfigError("evaluate cannot attack inside torch.inference_mode() (no gradients exist there); call it outside, "
+                          "torch.no_grad() is fine")  # fmt: skip
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_inputs(x, y, threat, where="evaluate")
+    check_attack_budget(batch_size, restarts, steps)
+    threat.check_fits(tuple(x.shape[1:]))
+    if len(y) == 0:
+        raise DataError("evaluate: no examples to evaluate (x and y are empty)")
+
+
+def _key(name, threat, steps, restarts, seed, x, y, batch_size, source_model, eot, options) -> dict[str, Any]:
+    """What identifies an evaluation: a partial file continues only the same one."""
     key = {"attack": name, "norm": threat.norm, "eps": threat.eps, "steps": steps, "restarts": restarts}
-    key.update(seed=seed, n=len(y), batch_size=batch_size, transfer=source_model is not None, eot=attacker is not model)
-    key.update(attack_kwargs={k: repr(v) for k, v in sorted((attack_kwargs or {}).items())})  # survives a JSON round trip
-    partial = Path(partial_path) if partial_path else None
-    if partial is not None:  # partial results belong to these weights and this data only
+    key.update(seed=seed, n=len(y), batch_size=batch_size, transfer=source_model is not None, eot=eot)
+    key.update(attack_kwargs={k: repr(v) for k, v in sorted(options.items())})  # survives a JSON round trip
+    return key
+
+
+def _partial(partial: Path | None, key: dict[str, Any], model, source_model, x: Tensor, y: Tensor) -> Path | None:
+    """Partial results belong to these weights and this data only: their hashes join the key, and a file that is
+    not this evaluation's is refused before any attack runs."""
+    if partial is not None:
         key.update(model_sha256=_weights_hash(model), source_sha256=_weights_hash(source_model))
         key.update(data_sha256=content_hash({"x": x, "y": y}))
-    clean, robust, stats = _load_partial(partial, key)
-    clean, robust = _attack_batches(model, attacker, fn, x, y, threat, name, key, partial, (clean, robust, stats), dev, progress)
-    robust_mask = torch.tensor(robust, dtype=torch.bool)
-    result: dict[str, Any] = {k: v for k, v in key.items() if k != "attack_kwargs"}
-    result.update(clean_accuracy=sum(clean) / len(y), adversarial_accuracy=sum(robust) / len(y))
-    if name in CASCADES:
-        result["components"] = dict(stats)
-    result["seconds_attack"] = time.time() - t0
-    if mode != "off":
-        t1 = time.time()
-        cost = sanity_checks.attack_cost(name, steps, restarts, len(y), stats if name in CASCADES else None)
-        reuse = (steps or DEFAULT_STEPS[name]) if name in sanity_checks.REUSABLE and source_model is None else None
-        plan = _plan(mode, cost, len(y), reuse, sanity_n, sanity_options or {})
-        result["sanity"] = {**outputs, **_sanity(model, x, y, threat, robust_mask, source_model is not None,
-                            name not in GRADIENT_FREE, plan, seed, dev, log, sanity_options or {})}  # fmt: skip
-        result["sanity_plan"] = {**asdict(plan), "mode": mode, "cost": plan.cost(), "attack_cost": cost}
-        result["seconds_sanity"] = time.time() - t1
-    result["seconds"] = time.time() - t0
-    result["robust_mask"] = robust_mask
-    return result
+        check_partial_path(partial, key)
+    return partial
+
+
+def _with_sanity(result: EvalResult, model, x, y, threat, outputs, mode, sanity_n, options, dev, log, advice) -> EvalResult:
+    """The result with its sanity checks: sized to a quarter of the attack ("light") or the heavy plan ("full")."""
+    t1 = time.time()
+    name, stats, transfer = result.attack, result.components, result.transfer
+    cost = sanity_checks.attack_cost(name, result.steps, result.restarts, result.n, stats)
+    reuse = (result.steps or DEFAULT_STEPS[name]) if name in sanity_checks.REUSABLE and not transfer else None
+    plan = _plan(mode, cost, result.n, reuse, sanity_n, options)
+    checks = _sanity(model, x, y, threat, result.robust_mask, transfer, name not in GRADIENT_FREE, plan, result.seed,
+                     dev, log, options, advice)  # fmt: skip
+    return replace(result, sanity={**outputs, **checks}, seconds_sanity=time.time() - t1,
+                   sanity_plan={**asdict(plan), "mode": mode, "cost": plan.cost(), "attack_cost": cost})  # fmt: skip
+
+
+def _attack_fn(attack: str | AttackFn, steps: int | None, restarts: int, options: dict[str, Any]) -> tuple[str, Callable]:
+    """(name, run(model, x, y, threat, generator, **extra) -> x_adv) for a registered name or a protocol function."""
+    if isinstance(attack, str):
+        name = check_attack(attack)
+    elif callable(attack):
+        name = name_of(attack)
+    else:
+        raise ConfigError(f"attack must be a registered name or a function, got {type(attack).__name__}")
+    budget = {k: v for k, v in (("steps", steps), ("restarts", restarts if restarts != 1 else None)) if v is not None}
+    takes = _options(attack)
+    for k in budget:
+        if k not in takes and not (callable(attack) and accepts_any(attack)):
+            raise ConfigError(f"attack {name} takes no {k} (its options: {', '.join(takes) or 'none'}); leave {k} unset")
+
+    def run(m: nn.Module, x: Tensor, y: Tensor, t: ThreatModel, g: torch.Generator, **extra: Any) -> Tensor:
+        return run_attack(m, x, y, t, attack, **budget, **_with_generator(attack, g), **options, **extra)
+
+    return name, run
+
+
+def _options(attack: str | AttackFn) -> dict[str, Any]:
+    from robustopt.evaluation.attacks import attack_options
+    from robustopt.evaluation.attacks._registry import options_of
+
+    return dict(attack_options(attack) if isinstance(attack, str) else options_of(attack))
+
+
+def _with_generator(attack: str | AttackFn, g: torch.Generator) -> dict[str, Any]:
+    return {"generator": g} if "generator" in _options(attack) else {}
 
 
 def _checked_attacker(
@@ -214,6 +289,7 @@ def _checked_attacker(
     num_classes: int | None,
     eot_samples: int,
     log: Log,
+    advice: str = "python",
 ) -> tuple[nn.Module, dict[str, dict[str, Any]]]:
     """Check the model(s) on a probe batch and return the module to attack and the output checks.
 
@@ -225,11 +301,17 @@ def _checked_attacker(
     if source_model is not None:
         check_model(source_model, probe_x, probe_y, "the source model", num_classes)
     outputs = sanity_checks.output_checks(model, probe_x)
-    sanity_checks.report_failures(outputs, log)
+    sanity_checks.report_failures(outputs, log, advice)
     attacker = model if source_model is None else source_model
     if not outputs["randomness"]["passed"]:
         attacker = ExpectedLogits(attacker, eot_samples)
     return attacker, outputs
+
+
+def _batch_masks(model, attacker, fn, xb, yb, threat, name, gen, extra) -> tuple[Tensor, Tensor]:
+    clean = predict(model, xb) == yb
+    x_adv = enforce(threat, fn(attacker, xb, yb, threat, gen, **extra), xb, name)
+    return clean, clean & (predict(model, x_adv) == yb)
 
 
 def _attack_batches(
@@ -258,12 +340,12 @@ def _attack_batches(
             c, r = _batch_masks(model, attacker, fn, xb, yb, threat, name, gen, extra)
             clean, robust = clean + c.tolist(), robust + r.tolist()
             if partial is not None:
-                write_json(partial, {"key": key, "clean": clean, "robust": robust, "components": stats})
+                save_partial(partial, key, clean, robust, stats)
             bar.update(len(yb))
     return clean, robust
 
 
-def check_batch(batch_size: int, restarts: int, steps: int | None) -> None:
+def check_attack_budget(batch_size: int, restarts: int, steps: int | None) -> None:
     """Budgets must be positive integers."""
     for flag, v in (("batch_size", batch_size), ("restarts", restarts), ("steps", steps)):
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
@@ -279,7 +361,7 @@ def _plan(mode: str, cost: float, n: int, reuse: int | None, sanity_n: int | Non
     return replace(plan, n=min(plan.n, sanity_n)) if sanity_n else plan
 
 
-def _sanity(model, x, y, threat, robust_mask, transfer, whitebox_only, plan, seed, dev, log, options) -> dict[str, Any]:
+def _sanity(model, x, y, threat, robust_mask, transfer, whitebox_only, plan, seed, dev, log, options, advice) -> dict[str, Any]:
     """Run the sanity checks on the first ``plan.n`` examples and print failures loudly.
 
     The evaluated attack's mask joins the white-box side of the white-box ≤ black-box check
@@ -299,5 +381,5 @@ def _sanity(model, x, y, threat, robust_mask, transfer, whitebox_only, plan, see
         plan=plan,
         **options,
     )
-    sanity_checks.report_failures(checks, log)
+    sanity_checks.report_failures(checks, log, advice)
     return checks

@@ -18,9 +18,7 @@ def _acc(model: nn.Module, x: Tensor, y: Tensor, attack: str, threat: ThreatMode
     from robustopt.evaluation.evaluate import evaluate
 
     kw = {"sanity": False, **kw}
-    res = evaluate(model, x, y, attack, threat, batch_size=s.eval_batch, seed=s.seed, progress=False, **kw)
-    res.pop("robust_mask")
-    return res
+    return evaluate(model, x, y, threat, attack, batch_size=s.eval_batch, seed=s.seed, progress=False, **kw).to_dict()
 
 
 def example_pool(model: nn.Module, x: Tensor, y: Tensor, s: Schedule, norm: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -33,7 +31,7 @@ def example_pool(model: nn.Module, x: Tensor, y: Tensor, s: Schedule, norm: str)
     xe, ye = x[:pool], y[:pool]
     if pool == 0:  # examples = 0: no grid
         return {"x_adv": xe.clone(), "pred": ye.clone(), "eps": torch.tensor([t.eps])}, {}
-    x_adv = run_attack("pgd", model, xe, ye, t, steps=s.attack_steps, generator=torch.Generator(x.device).manual_seed(s.seed))
+    x_adv = run_attack(model, xe, ye, t, "pgd", steps=s.attack_steps, generator=torch.Generator(x.device).manual_seed(s.seed))
     with torch.no_grad():
         pred = model(x_adv).argmax(1)
     meta = {"attack": f"PGD-{s.attack_steps}", "norm": norm, "eps": t.eps}
@@ -62,61 +60,56 @@ def evaluate_net(
     Returns the JSON-able results and the example pool (:func:`example_pool`, on ``own_norm``: the net's training norm)."""
     from tqdm import tqdm
 
-    from robustopt.evaluation.stability import minimal_perturbations, summary
-
     t0 = time.monotonic()
     norms = list(s.radii)
-    bar = tqdm(
-        total=len(norms) * (len(s.transfer_scales) + 1) + len(s.curve_norms) + len(s.minimal_norms),
-        desc="evaluate",
-        leave=False,
-        disable=not progress,
-        unit="step",
-    )
+    total = len(norms) * (len(s.transfer_scales) + 1) + len(s.curve_norms) + len(s.minimal_norms)
+    bar = tqdm(total=total, desc="evaluate", leave=False, disable=not progress, unit="step")
     res: dict[str, Any] = {"n": len(y), "transfer": {}, "whitebox": {}, "curves": {}, "minimal": {}, "sanity": {}}
     for norm in norms:
-        for scale in s.transfer_scales:
-            t = ThreatModel(norm, s.pixel_radius(norm) * scale)
-            res["transfer"][f"{norm}@{scale:g}"] = _acc(model, x, y, "fgsm", t, s, source_model=source)["adversarial_accuracy"]
-            bar.update(1)
-        t = ThreatModel(norm, s.pixel_radius(norm))
-        pgd = _acc(
-            model,
-            x,
-            y,
-            "pgd",
-            t,
-            s,
-            steps=s.attack_steps,
-            restarts=s.attack_restarts,
-            sanity=norm == sanity_norm,
-            sanity_n=min(s.sanity_n, len(y)),
-        )
-        fgsm = _acc(model, x, y, "fgsm", t, s)["adversarial_accuracy"]
-        res["clean"] = pgd["clean_accuracy"]
-        res["whitebox"][norm] = {"eps": t.eps, "fgsm": fgsm, "pgd": pgd["adversarial_accuracy"]}
-        if "sanity" in pgd:
-            res["sanity"] = {"norm": norm, "eps": t.eps, "checks": pgd["sanity"]}
-        bar.update(1)
-    xc, yc = x[: s.curve_n], y[: s.curve_n]
+        _transfer_and_whitebox(res, model, source, x, y, s, norm, sanity_norm, bar)
     for norm in s.curve_norms:
-        curve = [
-            _acc(model, xc, yc, "pgd", ThreatModel(norm, s.pixel_radius(norm) * k), s, steps=s.curve_steps)
-            for k in s.curve_scales
-        ]
-        res["curves"][norm] = [[0.0, curve[0]["clean_accuracy"]]] + [[c["eps"], c["adversarial_accuracy"]] for c in curve]
+        res["curves"][norm] = _curve(model, x[: s.curve_n], y[: s.curve_n], s, norm)
         bar.update(1)
-    xm, ym = x[: s.minimal_n], y[: s.minimal_n]
-    with torch.no_grad():
-        correct = model(xm).argmax(1) == ym
-    for norm in s.minimal_norms:
-        d = minimal_perturbations(
-            model, xm[correct], ym[correct], norm, "deepfool", steps=s.deepfool_steps, batch_size=s.eval_batch
-        )
-        stats = summary(d, get_norm(norm).norm(xm[correct]).cpu())
-        res["minimal"][norm] = {**stats, "dists": [float(v) if math.isfinite(v) else None for v in d.tolist()]}
-        bar.update(1)
+    _minimal(res, model, x[: s.minimal_n], y[: s.minimal_n], s, bar)
     bar.close()
     examples = example_pool(model, x, y, s, own_norm or norms[0])
     res["eval_seconds"] = round(time.monotonic() - t0, 2)
     return res, examples
+
+
+def _transfer_and_whitebox(res: dict[str, Any], model, source, x, y, s: Schedule, norm: str, sanity_norm, bar) -> None:
+    """The paper's transfer test sets against ``source``, then single-step and PGD against the net itself."""
+    for scale in s.transfer_scales:
+        t = ThreatModel(norm, s.pixel_radius(norm) * scale)
+        res["transfer"][f"{norm}@{scale:g}"] = _acc(model, x, y, "fgsm", t, s, source_model=source)["adversarial_accuracy"]
+        bar.update(1)
+    t = ThreatModel(norm, s.pixel_radius(norm))
+    pgd = _acc(model, x, y, "pgd", t, s, steps=s.attack_steps, restarts=s.attack_restarts, sanity=norm == sanity_norm,
+               sanity_n=min(s.sanity_n, len(y)))  # fmt: skip
+    fgsm = _acc(model, x, y, "fgsm", t, s)["adversarial_accuracy"]
+    res["clean"] = pgd["clean_accuracy"]
+    res["whitebox"][norm] = {"eps": t.eps, "fgsm": fgsm, "pgd": pgd["adversarial_accuracy"]}
+    if "sanity" in pgd:
+        res["sanity"] = {"norm": norm, "eps": t.eps, "checks": pgd["sanity"]}
+    bar.update(1)
+
+
+def _curve(model: nn.Module, x: Tensor, y: Tensor, s: Schedule, norm: str) -> list[list[float]]:
+    """PGD accuracy against ε: ``[[0, clean], [ε, accuracy], ...]``."""
+    curve = [_acc(model, x, y, "pgd", ThreatModel(norm, s.pixel_radius(norm) * k), s, steps=s.curve_steps)
+             for k in s.curve_scales]  # fmt: skip
+    return [[0.0, curve[0]["clean_accuracy"]]] + [[c["eps"], c["adversarial_accuracy"]] for c in curve]
+
+
+def _minimal(res: dict[str, Any], model: nn.Module, xm: Tensor, ym: Tensor, s: Schedule, bar) -> None:
+    """DeepFool minimal perturbations of the correctly classified images, per norm."""
+    from robustopt.evaluation.stability import minimal_perturbations, summary
+
+    with torch.no_grad():
+        correct = model(xm).argmax(1) == ym
+    for norm in s.minimal_norms:
+        d = minimal_perturbations(model, xm[correct], ym[correct], ThreatModel(norm, 1.0), method="deepfool",
+                                  steps=s.deepfool_steps, batch_size=s.eval_batch)  # fmt: skip
+        stats = summary(d, get_norm(norm).norm(xm[correct]).cpu())
+        res["minimal"][norm] = {**stats, "dists": [float(v) if math.isfinite(v) else None for v in d.tolist()]}
+        bar.update(1)

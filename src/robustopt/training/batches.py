@@ -24,6 +24,7 @@ from torch.utils.data import Dataset as TorchDataset
 from torch.utils.data.dataloader import default_collate
 
 from robustopt.data.datasets import to_float
+from robustopt.data.validation import example_pair
 from robustopt.errors import DataError
 from robustopt.threat.model import ThreatModel
 from robustopt.training.distributed import DistInfo
@@ -51,8 +52,7 @@ class Source:
             i = idx.to(self.x.device)
             return self.x[i], self.y[i]
         items = [self.dataset[int(i)] for i in idx]  # type: ignore[index]
-        xb, yb = self.collate(items)[:2]
-        return torch.as_tensor(xb), torch.as_tensor(yb)
+        return example_pair(self.collate(items), "train_data")
 
     def split(self, n: int) -> tuple[Source, Source]:
         """(all but the last n, the last n): a held-out part of the training data."""
@@ -140,7 +140,7 @@ def eval_batches(source: Source, device: torch.device, info: DistInfo, batch_siz
         yield to_float(xb).to(device), yb.long().to(device)
 
 
-def check_batch(x: Tensor, y: Tensor, threat: ThreatModel, num_classes: int, what: str) -> None:
+def check_examples(x: Tensor, y: Tensor, threat: ThreatModel, num_classes: int, what: str) -> None:
     """Refuse inputs outside the threat's domain, non-finite inputs and labels out of range."""
     lo, hi = threat.bounds
     if not bool(torch.isfinite(x).all()):
@@ -161,10 +161,10 @@ def check_source(source: Source, threat: ThreatModel, num_classes: int, what: st
     if source.x is not None and source.y is not None:
         for start in range(0, len(source), 8192):  # chunks: uint8 images stay uint8 until checked
             sl = slice(start, start + 8192)
-            check_batch(to_float(source.x[sl]), source.y[sl], threat, num_classes, what)
+            check_examples(to_float(source.x[sl]), source.y[sl], threat, num_classes, what)
         return
     xb, yb = source.take(torch.arange(min(256, len(source))))
-    check_batch(to_float(xb), yb.long(), threat, num_classes, what)
+    check_examples(to_float(xb), yb.long(), threat, num_classes, what)
 
 
 def probe_num_classes(model: nn.Module, source: Source, device: torch.device, expected: int | None) -> int:

@@ -75,6 +75,7 @@ class TrainConfig:
     steps: int | None = _opt(None, "Inner-max steps [default: 10 for pgd/trades/mart, else 1]")
     step_size: float | None = _opt(None, "Inner-max step in pixels [default: ε for one step, 1.25ε fast, 2.5ε/steps]")
     replays: int = _opt(4, "free training: replays per minibatch (Shafahi et al.)")
+    sigma: float | None = _opt(None, "gaussian: noise std σ in pixels for randomized smoothing [default: ε]")
     epochs: int = _opt(10, "Training epochs")
     batch_size: int = _opt(100, "Minibatch size (per process under torchrun)")
     optimizer: str = _opt("sgd", f"Optimiser: {' | '.join(OPTIMIZERS)}")

@@ -267,6 +267,7 @@ def _one_batch(run: Run, x: torch.Tensor, y: torch.Tensor, iters: int) -> None:
         x = x.contiguous(memory_format=torch.channels_last)
     if run.scheduler is None:
         set_scheduled_lr(run.ctx.optimizer, run.base_lrs, lr_factor(cfg, prog.epoch, prog.batch, iters))
+    run.ctx.progress = (prog.epoch + prog.batch / iters) / cfg.epochs  # drives the certified methods' schedules
     loss, logits = train_step(run.ctx, x, y)
     if not math.isfinite(loss):
         raise ConfigError(f"training diverged (loss {loss}) at epoch {prog.epoch + 1}; lower --lr")

@@ -47,7 +47,7 @@ def train(
         "dataset": data.name,  # a built-in name, or the absolute path of the user's data
         "num_classes": data.num_classes,
         "normalization": {"mean": list(data.mean), "std": list(data.std)} if builtin else None,  # only where applied
-        "augment_default": default_augment(data.kind),
+        "augment_default": default_augment(data.kind, tuple(data.input_shape)),
         "kind": data.kind,
         "class_names": list(data.class_names) if data.class_names else None,
     }

@@ -41,7 +41,8 @@ from robustopt.threat.perturb import ascend, check_inputs, perturb, preserve_sta
 Tensor = torch.Tensor
 
 OBJECTIVES = ("standard", "goodfellow", "robust", "pgd", "fast", "trades", "mart")
-METHODS = (*OBJECTIVES, "free")
+CERTIFIED = ("ibp", "crown-ibp", "gaussian")  # robustopt.certify.training: scheduled by training progress
+METHODS = (*OBJECTIVES, *CERTIFIED, "free")
 DEFAULT_BETA = {"trades": 6.0, "mart": 6.0}
 TRADES_START = 0.001  # std of the Gaussian start of TRADES' and MART's inner maximisation
 
@@ -56,6 +57,7 @@ class Objective:
     steps: int  # inner-max steps
     step_size: float  # inner-max step α per iteration, pixel units
     random_start: bool
+    sigma: float | None = None  # gaussian: noise std in pixels (default ε)
 
 
 def make_objective(
@@ -66,6 +68,7 @@ def make_objective(
     beta: float | None = None,
     steps: int | None = None,
     step_size: float | None = None,
+    sigma: float | None = None,
 ) -> Objective:
     """Validate a method's options and fill in the defaults of its paper.
 
@@ -86,7 +89,9 @@ def make_objective(
         raise ConfigError(f"steps must be a whole number >= 1, got {steps!r}")
     if method not in ("standard",) and threat.eps <= 0:
         raise ConfigError(f"method {method!r} needs eps > 0, got {threat.eps:g}")
-    return Objective(method, float(alpha), float(beta), int(steps), float(step_size), method in ("pgd", "fast"))
+    if sigma is not None:
+        _check_option("sigma", sigma, 0.0, math.inf)
+    return Objective(method, float(alpha), float(beta), int(steps), float(step_size), method in ("pgd", "fast"), sigma)
 
 
 def _check_option(name: str, value: Any, lo: float, hi: float) -> None:
@@ -143,6 +148,7 @@ def objective_loss(
     generator: torch.Generator | None = None,
     attack_model: nn.Module | None = None,
     check: bool = False,
+    progress: float = 1.0,
 ) -> tuple[Tensor, Tensor]:
     """(scalar loss, detached logits of the batch the accuracy is reported on).
 
@@ -154,6 +160,10 @@ def objective_loss(
         return _trades(obj, model, attacker, x, y, threat, generator)
     if obj.method == "mart":
         return _mart(obj, model, attacker, x, y, threat, generator)
+    if obj.method in CERTIFIED:  # progress ∈ [0, 1] drives the ε ramp and the κ/β schedules
+        from robustopt.certify.training import scheduled_loss
+
+        return scheduled_loss(obj.method, model, x, y, threat, progress, sigma=obj.sigma, generator=generator)
     alpha = 1.0 if obj.method == "standard" else obj.alpha
     if 0.0 < alpha < 1.0 and obj.steps == 1 and not obj.random_start:
         return _single_step_mixed(obj, model, x, y, threat, alpha)
@@ -275,6 +285,7 @@ class StepContext:
     scaler: torch.amp.GradScaler | None = None
     grad_clip: float | None = None
     state: dict[str, Tensor] = field(default_factory=dict)
+    progress: float = 1.0  # fraction of training done, set by the loop before each step (certified methods' schedules)
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.amp_dtype is None:
@@ -295,7 +306,8 @@ def objective_step(ctx: StepContext, x: Tensor, y: Tensor) -> tuple[float, Tenso
     """One optimiser step on the objective. Returns (loss, logits of the batch the accuracy is on)."""
     with ctx.autocast():
         loss, logits = objective_loss(
-            ctx.objective, ctx.model, x, y, ctx.threat, generator=ctx.generator, attack_model=ctx.attack_model
+            ctx.objective, ctx.model, x, y, ctx.threat, generator=ctx.generator, attack_model=ctx.attack_model,
+            progress=ctx.progress,
         )
     update(ctx, loss)
     return float(loss.detach()), logits

@@ -207,7 +207,8 @@ def build_step(cfg: TrainConfig, run: Run, threat: ThreatModel | None, optimizer
     outer: nn.Module = model
     if info.enabled:
         dist.setup(info, dev)
-        same = {**run.keys, "test_data": dist.data_summary(run.test), "num_classes": run.meta["num_classes"]}
+        same = {**run.keys, "num_classes": run.meta["num_classes"]}
+        same.update(train_data=dist.data_summary(run.train), test_data=dist.data_summary(run.test))  # sizes, for the message
         dist.check_same_config(same)  # before the first collective: ranks started differently would deadlock (issue 16)
         outer = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
     if cfg.compile:
@@ -225,7 +226,9 @@ def context_for(
 ) -> StepContext:
     """The step context of ``cfg``: its objective, AMP mode and options, wired to the given modules."""
     step_size = cfg.step_size if cfg.step_size is not None else (threat.eps if cfg.method == "free" else None)
-    objective = make_objective(cfg.method, threat, alpha=cfg.alpha, beta=cfg.beta, steps=cfg.steps, step_size=step_size)
+    objective = make_objective(
+        cfg.method, threat, alpha=cfg.alpha, beta=cfg.beta, steps=cfg.steps, step_size=step_size, sigma=cfg.sigma
+    )
     amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]
     device_type = next(model.parameters()).device.type
     scaler = torch.amp.GradScaler(device_type) if cfg.amp == "fp16" else None

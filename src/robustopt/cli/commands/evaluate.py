@@ -1,109 +1,71 @@
-"""``robustopt evaluate`` and ``robustopt stability``: flags mapped onto :mod:`robustopt.evaluation.evaluate`
-and :mod:`robustopt.evaluation.stability`."""
+"""``robustopt evaluate``: flags mapped onto :func:`robustopt.evaluate`.
+
+The common flags (``--attack``, ``--norm``, ``--eps``, ``--steps``, ``--restarts``, ...) are written
+here once. Every other flag is derived from the attacks' own signatures
+(:func:`robustopt.evaluation.attacks.attack_options`): each keyword-only option of a simple type
+(``n_targets``, ``queries``, ``loss``, ``step_size``, ``p_init``, ...) becomes ``--n-targets`` and so
+on, and a flag the chosen attack does not take is refused with the list of those it does. A new
+attack file thus brings its flags with it.
+"""
 
 from __future__ import annotations
 
+import inspect
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import typer
 
+from robustopt.errors import ConfigError
+from robustopt.evaluation.attacks import ATTACKS, attack_options
 
-def _load(run_dir: Path, device: str | None, subset: int | None, data_dir: Path | None):
-    """(model, x float (N, C, H, W), y (N,), device, config) for a run's first ``subset`` test images."""
-    from robustopt.data.datasets import load_dataset
-    from robustopt.devices import pick_device
-    from robustopt.errors import RunDirError
-    from robustopt.pretrained import resolve_run
-    from robustopt.runs import CONFIG, load_model, read_json
-
-    run_dir = resolve_run(run_dir)  # pretrained:NAME is a model shipped with robustopt
-    if not Path(run_dir).is_dir():
-        raise RunDirError(f"run directory {run_dir} does not exist; pass the --out directory of a finished training run")
-    dev = pick_device(device)
-    cfg = read_json(Path(run_dir) / CONFIG)
-    model = load_model(run_dir, dev)
-    x, y = _test_slice(load_dataset(cfg.get("dataset", "mnist"), data_dir), subset)
-    return model, x, y, dev, cfg
+COMMON = {"steps", "restarts", "generator", "eps", "stats", "seed", "target"}  # set by the evaluator or not for a CLI
+SIMPLE = {"int": int, "float": float, "float | None": float, "bool": bool, "str": str, "str | LossFn": str}
 
 
-def _load_source(source: Path, dev, data_name: str):
-    """The transfer source's model, refused before loading when it was trained on another data set."""
-    from robustopt.errors import ConfigError, RunDirError
-    from robustopt.runs import CONFIG, load_model, read_json
-
-    if not Path(source).is_dir():
-        raise RunDirError(f"--source {source} does not exist; pass the --out directory of a finished training run")
-    trained_on = read_json(Path(source) / CONFIG).get("dataset", "mnist")
-    if trained_on != data_name:
-        raise ConfigError(f"--source {source} was trained on {trained_on!r} but the evaluation data is {data_name!r}; "
-                          "pick a source run trained on the same data set")  # fmt: skip
-    return load_model(source, dev)
+def derived_options() -> dict[str, tuple[type, list[str]]]:
+    """``{option: (type, [attacks taking it])}`` over every registered attack's keyword-only options of a simple type."""
+    found: dict[str, tuple[type, list[str]]] = {}
+    for name in ATTACKS:
+        for key, p in attack_options(name).items():
+            kind = SIMPLE.get(str(p.annotation))
+            if key in COMMON or kind is None:
+                continue
+            found.setdefault(key, (kind, []))[1].append(name)
+    return found
 
 
-def _test_slice(data, subset: int | None):
-    """The first ``subset`` test images as float (N, C, H, W) in [0, 1], and their labels."""
-    from robustopt.data.datasets import to_float
-    from robustopt.errors import ConfigError
-
-    if subset is not None and subset < 1:
-        raise ConfigError(f"--subset must be >= 1, got {subset}")
-    n = len(data.y_test) if subset is None else min(subset, len(data.y_test))
-    return to_float(data.x_test[:n]), data.y_test[:n]
-
-
-def _read_weights(path: Path) -> dict[str, Any]:
-    """Tensors of a safetensors file: robustopt's own are hash-checked, anyone else's are read as they are."""
-    import stat
-
-    from safetensors import SafetensorError
-    from safetensors.torch import load as st_load
-
-    from robustopt.errors import CheckpointError
-    from robustopt.runs import load_tensors
-
-    try:
-        mode = Path(path).stat().st_mode
-    except OSError as e:
-        raise CheckpointError(f"--weights {path}: cannot read it ({e.strerror}); pass a .safetensors file") from None
-    if not stat.S_ISREG(mode):
-        raise CheckpointError(f"--weights {path} is not a regular file; pass a .safetensors file")
-    raw = Path(path).read_bytes()
-    if b"content_sha256" in raw[: 8 + 65536]:  # written by robustopt: verify the hash too
-        return load_tensors(Path(path))[0]
-    try:
-        return st_load(raw)
-    except (SafetensorError, ValueError) as e:
-        raise CheckpointError(f"--weights {path} is not a safetensors file ({e}); convert the weights to safetensors") from None
+def _derived_parameters() -> list[inspect.Parameter]:
+    params = []
+    for key, (kind, names) in sorted(derived_options().items()):
+        flag = "--" + key.replace("_", "-")
+        decl = f"{flag}/--no-{key.replace('_', '-')}" if kind is bool else flag
+        help_text = f"Option of {', '.join(names)}  [default: the attack's]"
+        option = typer.Option(None, decl, help=help_text, show_default=False)
+        annotation = bool | None if kind is bool else (int | None if kind is int else str | None)
+        params.append(inspect.Parameter(key, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation))
+    return params
 
 
-def _load_factory(spec: str, weights: Path | None, device: str | None, dataset: str | None, data: Path | None,
-                  subset: int | None, data_dir: Path | None):  # fmt: skip
-    """(model, x, y, device, dataset name, num_classes) for ``--model package.module:factory --weights FILE``."""
-    from robustopt.data.datasets import load_dataset
-    from robustopt.errors import ConfigError
-    from robustopt.models.factory import build_from_spec
-    from robustopt.runs import load_state_into
-    from robustopt.training.loop import pick_device
-
-    if weights is None:
-        raise ConfigError("--model needs --weights FILE.safetensors (the trained weights of that architecture)")
-    if (dataset is None) == (data is None):
-        raise ConfigError("--model needs exactly one of --dataset NAME and --data PATH (the test set to evaluate on)")
-    dev = pick_device(device)
-    data_set = load_dataset(dataset, data_dir) if dataset is not None else load_dataset(str(data))
-    x, y = _test_slice(data_set, subset)
-    model = build_from_spec(spec)
-    load_state_into(model, _read_weights(weights), Path(weights))
-    return model.to(dev).eval(), x, y, dev, data_set.name, getattr(data_set, "num_classes", None)
-
-
-def _threat(norm: str, eps: str):
-    from robustopt.threat.model import ThreatModel
+def attack_flags(attack: str, given: dict[str, Any]) -> dict[str, Any]:
+    """The derived flags given on the command line, checked against ``attack``'s signature and typed."""
     from robustopt.training.config import parse_number
 
-    return ThreatModel(norm, parse_number(eps, "--eps"))
+    takes = attack_options(attack)
+    out = {}
+    for key, value in given.items():
+        if value is None:
+            continue
+        if key not in takes:
+            valid = ", ".join("--" + k.replace("_", "-") for k in takes if k not in COMMON) or "none"
+            raise ConfigError(f"--{key.replace('_', '-')} does not apply to --attack {attack}; its own options: {valid}")
+        kind = SIMPLE[str(takes[key].annotation)]
+        out[key] = parse_number(value, "--" + key.replace("_", "-")) if kind is float else value
+        if kind is int and (out[key] < 1):
+            raise ConfigError(f"--{key.replace('_', '-')} must be >= 1, got {value}")
+    return out
 
 
 def _print_human(res: dict[str, Any]) -> None:
@@ -112,41 +74,15 @@ def _print_human(res: dict[str, Any]) -> None:
     typer.echo(f"{res['attack']} {res['norm']} eps={res['eps']:g} ({what})  {res['adversarial_accuracy']:.4f}")
     for comp, left in (res.get("components") or {}).items():
         typer.echo(f"  robust after {comp:10s} {left}")
-    for name, c in res.get("sanity", {}).items():
+    for name, c in (res.get("sanity") or {}).items():
         typer.echo(f"sanity {name:22s} {'passed' if c['passed'] else 'FAILED'}")
     typer.echo(f"time {res['seconds']:.1f} s")
-
-
-def _check_budgets(attack: str, steps: int | None, restarts: int, batch_size: int, targets: int | None, queries: int | None):
-    from robustopt.errors import ConfigError
-
-    if restarts < 1 or (steps is not None and steps < 1) or batch_size < 1:
-        raise ConfigError("--steps, --restarts and --batch-size must be >= 1")
-    if (targets is not None and targets < 1) or (queries is not None and queries < 1):
-        raise ConfigError(f"--targets and --queries must be >= 1, got {targets} and {queries}")
-    extra = {k: v for k, v in (("n_targets", targets), ("queries", queries)) if v is not None}
-    if extra and attack not in ("auto", "autoattack", "apgd-dlr", "fab-t", "square"):
-        raise ConfigError("--targets applies to auto, autoattack, apgd-dlr and fab-t; --queries to auto, autoattack and square")
-    if "queries" in extra and attack in ("apgd-dlr", "fab-t"):
-        raise ConfigError(f"--queries does not apply to --attack {attack}; it sets the Square attack's budget")
-    if "n_targets" in extra and attack == "square":
-        raise ConfigError("--targets does not apply to --attack square; it sets the targeted attacks' classes")
-    if attack == "square" and "queries" in extra:  # square takes its budget as steps
-        steps = extra.pop("queries")
-    return steps, extra
-
-
-def _sanity_flag(sanity: str, no_sanity: bool) -> str:
-    from robustopt.errors import ConfigError
-
-    if sanity not in ("light", "full", "off"):
-        raise ConfigError(f"--sanity must be light, full or off, got {sanity!r}")
-    return "off" if no_sanity else sanity
 
 
 def _robustbench(res: dict[str, Any], dataset: str | None, model: str) -> dict[str, Any]:
     """The fields of a RobustBench model card: accuracies in percent with two decimals, as RobustBench writes them."""
     from robustopt.evaluation.attacks.autoattack import VERSION
+    from robustopt.version import __version__
 
     return {
         "name": model,
@@ -158,137 +94,142 @@ def _robustbench(res: dict[str, Any], dataset: str | None, model: str) -> dict[s
         "n_examples": res["n"],
         "attack": "autoattack",
         "attack_version": VERSION if res.get("standard", True) else "custom",
-        "robustopt_version": _version(),
+        "robustopt_version": __version__,
     }
 
 
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
+def _check_output_path(path: Path | None, flag: str) -> None:
+    """An output file's folder must exist and be writable before an hour of attack, not after."""
+    import os
 
-    try:
-        return version("robustopt")
-    except PackageNotFoundError:
-        return "unknown"
+    if path is None:
+        return
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir() or not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise ConfigError(f"{flag} {path}: cannot write there (a folder, or its folder is missing or read-only)")
 
 
-def evaluate_command(
-    run_dir: Path | None = typer.Argument(None, help="A finished training run directory (or use --model and --weights)."),
-    attack: str = typer.Option("pgd", help="fgsm | fgm | pgd | bim | lbfgs | deepfool | cw | auto | autoattack | apgd-ce | "
-                               "apgd-dlr | fab-t | square"),  # fmt: skip
-    norm: str = typer.Option("linf", help="linf | l2 | l1"),
-    eps: str = typer.Option(..., help="Radius ε in pixel units, e.g. 0.3 or 8/255."),
-    steps: int | None = typer.Option(None, help="Attack iterations (queries for square)  [default: per attack]"),
-    restarts: int = typer.Option(1, help="Random restarts (pgd, apgd-ce, auto)."),
-    subset: int | None = typer.Option(None, help="Evaluate the first N test images."),
-    batch_size: int = typer.Option(500, help="Examples per attack batch."),
-    source: Path | None = typer.Option(None, "--source", help="Build the examples on this run's model (transfer)."),
-    targets: int | None = typer.Option(None, help="auto/autoattack/apgd-dlr/fab-t: target classes  [default: 9]"),
-    queries: int | None = typer.Option(None, help="auto/autoattack/square: Square attack queries  [default: 5000]"),
-    partial: Path | None = typer.Option(None, "--partial", help="Save partial results here and continue from them."),
-    sanity: str = typer.Option("light", "--sanity", help="light (about a quarter of the attack's cost) | full | off"),
-    no_sanity: bool = typer.Option(False, "--no-sanity", help="Skip the gradient-masking sanity checks."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
-    robustbench_json: Path | None = typer.Option(None, "--robustbench-json", help="With --attack autoattack: write "
-                                                 "RobustBench's model-card fields to this JSON file."),  # fmt: skip
-    model_spec: str | None = typer.Option(None, "--model", help="package.module:factory building the architecture."),
-    weights: Path | None = typer.Option(None, "--weights", help="With --model: its weights, a .safetensors file."),
-    dataset: str | None = typer.Option(None, "--dataset", help="With --model: mnist | fashion-mnist | cifar10."),
-    data: Path | None = typer.Option(None, "--data", help="With --model: a data set file (.npz) or folder."),
-    data_dir: Path | None = typer.Option(None, "--data-dir", help="Where to look for datasets first."),
-    device: str | None = typer.Option(None, help="auto | cpu | cuda | cuda:N | mps  [default: auto]"),
-    seed: int = typer.Option(0, help="Seeds random starts and the Square attack."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),
-) -> None:
+def _load(o: dict[str, Any]):
+    from robustopt.cli.loaders import load_foreign, load_run
+
+    if (o["run_dir"] is None) == (o["model_spec"] is None):
+        raise ConfigError("pass either a run directory or --model package.module:factory with --weights, not both or neither")
+    if o["model_spec"] is None and (o["weights"] or o["dataset"] or o["data"] or o["model_kwargs"]):
+        raise ConfigError("--weights, --model-kwargs, --dataset and --data go with --model; a run directory knows its own")
+    if o["model_spec"] is not None:
+        return load_foreign(o["model_spec"], o["model_kwargs"], o["weights"], o["device"], o["dataset"], o["data"],
+                            o["subset"], o["data_dir"])  # fmt: skip
+    return load_run(o["run_dir"], o["device"], o["subset"], o["data_dir"], o["trust_code"])
+
+
+def _threat(o: dict[str, Any], run_cfg: dict[str, Any]):
+    """``--norm``/``--eps``, each defaulting to what the run trained against."""
+    from robustopt.cli.loaders import run_threat
+    from robustopt.threat.model import ThreatModel
+    from robustopt.training.config import parse_number
+
+    norm, eps = run_threat(run_cfg)
+    norm = o["norm"] or norm or "linf"
+    if o["eps"] is not None:
+        eps = parse_number(o["eps"], "--eps")
+    elif eps is None or norm != run_threat(run_cfg)[0]:
+        raise ConfigError("--eps is needed: the model's run records no threat for this norm (e.g. --eps 0.3 or 8/255)")
+    return ThreatModel(norm, eps)
+
+
+def evaluate_command(**o: Any) -> None:
     """Attack a trained model and report clean and adversarial accuracy, with sanity checks."""
-    from robustopt.errors import ConfigError
     from robustopt.evaluation.attacks import check_attack
     from robustopt.evaluation.attacks.autoattack import is_standard
     from robustopt.evaluation.evaluate import evaluate
-    from robustopt.runs import write_json
+    from robustopt.files import write_json
 
-    check_attack(attack)
-    threat = _threat(norm, eps)
-    steps, extra = _check_budgets(attack, steps, restarts, batch_size, targets, queries)
-    mode = _sanity_flag(sanity, no_sanity)
-    if robustbench_json is not None and attack != "autoattack":
+    attack = check_attack(o["attack"])
+    if o["sanity"] not in ("light", "full", "off"):
+        raise ConfigError(f"--sanity must be light, full or off, got {o['sanity']!r}")
+    extra = attack_flags(attack, {k: o[k] for k in derived_options()})
+    if o["robustbench_json"] is not None and attack != "autoattack":
         raise ConfigError("--robustbench-json reports an AutoAttack figure; use it with --attack autoattack")
-    if (run_dir is None) == (model_spec is None):
-        raise ConfigError("pass either a run directory or --model package.module:factory with --weights, not both or neither")
-    if model_spec is None and (weights or dataset or data):
-        raise ConfigError("--weights, --dataset and --data go with --model; a run directory knows its own")
-    if model_spec is not None:
-        model, x, y, dev, data_name, num_classes = _load_factory(model_spec, weights, device, dataset, data, subset, data_dir)
-    else:
-        model, x, y, dev, cfg = _load(run_dir, device, subset, data_dir)
-        data_name, num_classes = cfg.get("dataset", "mnist"), cfg.get("num_classes")
-    src = None if source is None else _load_source(source, dev, data_name)
-    res = evaluate(model, x, y, attack, threat, steps=steps, restarts=restarts, batch_size=batch_size, source_model=src,
-                   seed=seed, progress=progress, partial_path=partial, sanity=mode, attack_kwargs=extra,
-                   num_classes=num_classes)  # fmt: skip
-    res.pop("robust_mask")
-    res.update(run_dir=None if run_dir is None else str(run_dir), source=None if source is None else str(source))
-    res.update(model=model_spec, weights=None if weights is None else str(weights), dataset=data_name)
+    _check_output_path(o["robustbench_json"], "--robustbench-json")
+    loaded = _load(o)
+    threat = _threat(o, loaded.config)
+    src = None
+    if o["source"] is not None:
+        src = _source(o, loaded)
+    progress = sys.stderr.isatty() if o["progress"] is None else o["progress"]
+    sanity = "off" if o["no_sanity"] else o["sanity"]
+    res = evaluate(loaded.model, loaded.x, loaded.y, threat, attack, steps=o["steps"], restarts=o["restarts"], options=extra,
+                   batch_size=o["batch_size"], source_model=src, seed=o["seed"], progress=progress, partial_path=o["partial"],
+                   sanity=sanity, num_classes=loaded.num_classes, advice="cli").to_dict()  # fmt: skip
+    as_text = {k: None if o[k] is None else str(o[k]) for k in ("run_dir", "source", "weights")}
+    res.update(as_text, model=o["model_spec"], dataset=loaded.data_name)
     if attack == "autoattack":
-        res["standard"] = is_standard(steps or 100, extra.get("n_targets", 9), extra.get("queries", 5000), 0)
-    if robustbench_json is not None:
-        write_json(robustbench_json, _robustbench(res, data_name, model_spec or str(run_dir)))
-    if as_json:
-        typer.echo(json.dumps(res, sort_keys=True))
-    else:
-        _print_human(res)
+        res["standard"] = is_standard(o["steps"] or 100, extra.get("n_targets", 9), extra.get("queries", 5000), 0)
+    if o["robustbench_json"] is not None:
+        write_json(o["robustbench_json"], _robustbench(res, loaded.data_name, o["model_spec"] or str(o["run_dir"])))
+    typer.echo(json.dumps(res, sort_keys=True)) if o["as_json"] else _print_human(res)
 
 
-def stability_command(
-    run_dir: Path = typer.Argument(..., help="A finished training run directory."),
-    norm: str = typer.Option("l2", help="linf | l2 | l1"),
-    method: str = typer.Option("deepfool", help="deepfool | pgd (binary search over ε)"),
-    subset: int | None = typer.Option(1000, help="Use the first N test images."),
-    compare: list[Path] = typer.Option([], "--compare", help="Other run directories to measure and overlay."),
-    out: Path | None = typer.Option(None, "--out", help="Histogram PNG  [default: RUN_DIR/stability_<norm>_<method>.png]"),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
-    data_dir: Path | None = typer.Option(None, "--data-dir", help="Where to look for datasets first."),
-    device: str | None = typer.Option(None, help="auto | cpu | cuda | cuda:N | mps  [default: auto]"),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),
-) -> None:
-    """Minimal adversarial perturbation statistics (median, mean, ρ_adv) and a histogram PNG."""
-    from robustopt.evaluation.stability import METHODS, minimal_perturbations, plot_histogram, summary
-    from robustopt.threat.model import get_norm
+def _source(o: dict[str, Any], loaded) -> Any:
+    """The transfer source's model, refused (before it is loaded) when it was trained on another data set."""
+    from robustopt.errors import RunDirError
+    from robustopt.files import read_json
+    from robustopt.loading import load_model
+    from robustopt.pretrained import resolve_run
 
-    geom = get_norm(norm)
-    _png_path(out, Path(run_dir), norm, method)  # a bad --out fails before any attack runs
-    if method not in METHODS:
-        from robustopt.errors import ConfigError
-
-        raise ConfigError(f"unknown --method {method!r}: choose one of {', '.join(METHODS)}")
-    dists, stats = {}, {}
-    for rd in [run_dir, *compare]:
-        model, x, y, _, _ = _load(rd, device, subset, data_dir)
-        d = minimal_perturbations(model, x, y, norm, method, progress=progress)
-        dists[str(rd)], stats[str(rd)] = d, summary(d, geom.norm(x))
-    png = plot_histogram(dists, _png_path(out, Path(run_dir), norm, method), xlabel=f"minimal {norm} perturbation ({method})")
-    if as_json:
-        typer.echo(json.dumps({"norm": norm, "method": method, "runs": stats, "histogram": str(png)}, sort_keys=True))
-        return
-    for rd, s in stats.items():
-        line = f"found={s['found_fraction']:.3f} median={s['median']:.4g} mean={s['mean']:.4g} rho_adv={s['rho_adv']:.4g}"
-        typer.echo(f"{rd}: n={s['n']} misclassified={s['misclassified']} (not counted) {line}")
-    typer.echo(f"histogram {png}")
+    d = resolve_run(o["source"])
+    if not d.is_dir():
+        raise RunDirError(f"--source {o['source']} does not exist; pass the --out directory of a finished training run")
+    cfg = read_json(d / "config.json")
+    trained_on = cfg.get("dataset", "mnist") if isinstance(cfg, dict) else None
+    if trained_on != loaded.data_name:
+        raise ConfigError(f"--source {o['source']} was trained on {trained_on!r} but the evaluation data is "
+                          f"{loaded.data_name!r}; pick a source run trained on the same data set")  # fmt: skip
+    return load_model(d, loaded.device, trust_code=o["trust_code"])
 
 
-def _png_path(out: Path | None, run_dir: Path, norm: str, method: str) -> Path:
-    """Where the histogram goes: ``--out`` itself if it names a .png, inside it if it is a folder, else the run."""
-    from robustopt.errors import ConfigError
+def _opt(default: Any, *decls: str, **kw: Any) -> Any:
+    return typer.Option(default, *decls, **kw)
 
-    name = f"stability_{norm}_{method}.png"
-    if out is None:
-        return run_dir / name
-    if out.is_dir():
-        return out / name
-    if out.suffix.lower() != ".png":
-        raise ConfigError(f"--out {out} must be a .png file or an existing folder")
-    return out
+
+COMMON_PARAMETERS = {
+    "run_dir": (str | None, typer.Argument(None, help="A run directory or pretrained:NAME (or use --model and --weights).")),
+    "attack": (str, _opt("pgd", help=" | ".join(ATTACKS))),
+    "norm": (str | None, _opt(None, help="linf | l2 | l1  [default: the run's own]")),
+    "eps": (str | None, _opt(None, help="Radius ε in pixel units, e.g. 0.3 or 8/255  [default: the run's own]")),
+    "steps": (int | None, _opt(None, min=1, help="Attack iterations (queries for square)  [default: per attack]")),
+    "restarts": (int, _opt(1, min=1, help="Random restarts (pgd, apgd-ce, auto).")),
+    "subset": (int | None, _opt(None, help="Evaluate the first N test images.")),
+    "batch_size": (int, _opt(500, min=1, help="Examples per attack batch.")),
+    "source": (str | None, _opt(None, "--source", help="Build the examples on this run's model (transfer).")),
+    "partial": (Path | None, _opt(None, "--partial", help="Save partial results here and continue from them.")),
+    "sanity": (str, _opt("light", "--sanity", help="light (about a quarter of the attack's cost) | full | off")),
+    "no_sanity": (bool, _opt(False, "--no-sanity", help="Skip the gradient-masking sanity checks.")),
+    "as_json": (bool, _opt(False, "--json", help="Print one JSON object on stdout.")),
+    "robustbench_json": (Path | None, _opt(None, "--robustbench-json", help="With --attack autoattack: write RobustBench's "
+                                           "model-card fields to this JSON file.")),  # fmt: skip
+    "model_spec": (str | None, _opt(None, "--model", help="package.module:factory building the architecture.")),
+    "model_kwargs": (str | None, _opt(None, "--model-kwargs", help="With --model: the factory's keyword arguments, JSON.")),
+    "weights": (Path | None, _opt(None, "--weights", help="With --model: .safetensors, or a .pt/.pth state dict "
+                                  "(read with torch.load(weights_only=True))")),  # fmt: skip
+    "dataset": (str | None, _opt(None, "--dataset", help="With --model: mnist | fashion-mnist | cifar10 | cifar100.")),
+    "data": (Path | None, _opt(None, "--data", help="With --model: a data set file (.npz) or folder.")),
+    "data_dir": (Path | None, _opt(None, "--data-dir", help="Where to look for datasets first.")),
+    "trust_code": (bool, _opt(False, "--trust-code", help="Allow running the package.module:factory a run directory names.")),
+    "device": (str | None, _opt(None, help="auto | cpu | cuda | cuda:N | mps  [default: auto]")),
+    "seed": (int, _opt(0, help="Seeds random starts and the Square attack.")),
+    "progress": (bool | None, _opt(None, "--progress/--no-progress", help="Progress bars on stderr  [default: on a terminal]")),
+}
+
+
+def _signature() -> inspect.Signature:
+    params = [inspect.Parameter(k, inspect.Parameter.POSITIONAL_OR_KEYWORD if k == "run_dir" else inspect.Parameter.KEYWORD_ONLY,
+                                default=d, annotation=a) for k, (a, d) in COMMON_PARAMETERS.items()]  # fmt: skip
+    return inspect.Signature(params + _derived_parameters())
+
+
+evaluate_command.__signature__ = _signature()  # type: ignore[attr-defined]
 
 
 def register(app: typer.Typer) -> None:
     app.command("evaluate")(evaluate_command)
-    app.command("stability")(stability_command)
