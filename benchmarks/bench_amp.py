@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from robustopt.training.config import CONFIG_KEYS, make_config, read_toml
 from robustopt.devices import pick_device
+from robustopt.training.config import CONFIG_KEYS, make_config, read_toml
 from robustopt.training.named import train
 
 

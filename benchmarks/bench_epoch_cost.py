@@ -32,8 +32,8 @@ from pathlib import Path
 
 import torch
 
-from robustopt.training.config import TrainConfig
 from robustopt.devices import pick_device
+from robustopt.training.config import TrainConfig
 from robustopt.training.named import train
 
 METHODS = ("standard", "robust", "pgd", "free", "fast")
