@@ -19,7 +19,7 @@ from contextlib import contextmanager
 import typer
 
 from robustopt.cli import commands
-from robustopt.errors import ConfigError, RobustoptError
+from robustopt.errors import ConfigError, RobustoptError, one_line
 
 app = typer.Typer(
     name="robustopt",
@@ -41,9 +41,16 @@ for _mod in sorted(m.name for m in pkgutil.iter_modules(commands.__path__)):
     importlib.import_module(f"robustopt.cli.commands.{_mod}").register(app)
 
 
-def _one_line(message: str) -> str:
-    """Join a message's lines, so that every error is exactly one line on stderr."""
-    return " ".join(part.strip() for part in message.strip().splitlines() if part.strip())
+def _what_is_kept(args: list[str]) -> str:
+    """What an interrupted command leaves behind, and how to go on, in the words of that command."""
+    command = next((a for a in args if not a.startswith("-")), "")
+    if command == "train":
+        return "finished epochs and checkpoints are kept (use --resume)"
+    if command == "reproduce":
+        return "finished runs are kept; the same command continues from them"
+    if command == "evaluate":
+        return "with --partial FILE, finished batches are kept and the same command continues from them"
+    return "nothing was left half-written"
 
 
 class Interrupted(BaseException):
@@ -124,18 +131,18 @@ def _main(argv: list[str] | None) -> None:
     except RobustoptError as e:
         if debug:
             traceback.print_exc()
-        print(f"robustopt: error: {_one_line(str(e))}", file=sys.stderr)
+        print(f"robustopt: error: {one_line(str(e))}", file=sys.stderr)
         sys.exit(e.exit_code)
     except OSError as e:  # the environment: permission denied, disk full, a path that is a file
         if debug:
             traceback.print_exc()
         where = f": {e.filename}" if e.filename else ""
-        print(f"robustopt: error: {_one_line(e.strerror or str(e))}{where}", file=sys.stderr)
+        print(f"robustopt: error: {one_line(e.strerror or str(e))}{where}", file=sys.stderr)
         sys.exit(2)
     except (KeyboardInterrupt, Interrupted) as e:
         signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
         how = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
-        print(f"robustopt: {how}; finished epochs and checkpoints are kept (use --resume)", file=sys.stderr)
+        print(f"robustopt: {how}; {_what_is_kept(args)}", file=sys.stderr)
         sys.exit(128 + signum)
     except Exception as e:  # noqa: BLE001 - the last line of defence: never a bare traceback
         if debug:

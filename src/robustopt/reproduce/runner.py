@@ -64,7 +64,10 @@ def ensure_trained(cfg: TrainConfig, where: Path, *, data_dir: Path | None, devi
             )
         return "reused"
     resume = (where / CONFIG).exists()
-    train(cfg, where, data_dir=data_dir, device=device, resume=resume, progress=progress, log=log)
+    try:
+        train(cfg, where, data_dir=data_dir, device=device, resume=resume, progress=progress, log=log)
+    except RunDirError as e:  # train's advice names its own flags (--overwrite); reproduce has none of them
+        raise RunDirError(f"{where} holds a run reproduce cannot continue ({e}); delete {where} or use another --out") from None
     return "resumed" if resume else "trained"
 
 

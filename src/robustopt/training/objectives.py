@@ -36,7 +36,16 @@ from torch import nn
 
 from robustopt.errors import ConfigError
 from robustopt.threat.model import ThreatModel
-from robustopt.threat.perturb import ascend, check_inputs, perturb, preserve_state
+from robustopt.threat.perturb import (
+    ascend,
+    check_grad_mode,
+    check_inputs,
+    check_labels,
+    check_module,
+    check_threat,
+    perturb,
+    preserve_state,
+)
 
 Tensor = torch.Tensor
 
@@ -122,7 +131,9 @@ def robust_loss(
         optimizer.zero_grad(); loss.backward(); optimizer.step()
 
     Args:
-        model: maps inputs in ``threat.bounds`` to logits (B, K); used for the loss.
+        model: maps inputs in ``threat.bounds`` to logits (B, K); used for the loss. Inside ``torch.no_grad()``
+            (a validation step) the inner maximisation still gets its input gradients and the loss carries no graph;
+            ``torch.inference_mode()`` is refused with a clear error.
         x: (B, ...) inputs; y: (B,) labels.
         threat: the norm, ε and domain of the inner maximisation.
         method: one of ``standard, goodfellow, robust, pgd, fast, trades, mart``.
@@ -133,9 +144,22 @@ def robust_loss(
     """
     if method == "free":
         raise ConfigError("method 'free' replays minibatches and updates inside its inner loop; use robustopt.fit for it")
+    check_module(model, "robust_loss")
+    check_threat(threat, "robust_loss")
+    check_grad_mode("robust_loss")
+    check_inputs(x, y, threat, where="robust_loss")
+    _check_label_range(model, x, y)
     obj = make_objective(method, threat, alpha=alpha, beta=beta, steps=steps, step_size=step_size)
-    loss, _ = objective_loss(obj, model, x, y, threat, generator=generator, attack_model=attack_model, check=True)
+    loss, _ = objective_loss(obj, model, x, y, threat, generator=generator, attack_model=attack_model)
     return loss
+
+
+def _check_label_range(model: nn.Module, x: Tensor, y: Tensor) -> None:
+    """Labels against the model's class count, from one example in eval mode (BatchNorm needs no batch)."""
+    with torch.no_grad(), preserve_state(model):
+        model.eval()
+        k = model(x[:1])
+    check_labels(k.expand(len(y), -1) if isinstance(k, Tensor) and k.dim() == 2 else k, y, "robust_loss")
 
 
 def objective_loss(
