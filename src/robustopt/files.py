@@ -114,3 +114,13 @@ def read_json(path: Path) -> Any:
         raise RunDirError(f"{path} not found; is this a robustopt run directory?") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise RunDirError(f"{path} is corrupt ({e}); re-run training with --overwrite") from None
+
+
+def save_figure(fig: Any, path: Path, **savefig: Any) -> Path:
+    """Render a matplotlib figure in memory, then :func:`atomic_write` it: a failed rerun never truncates a good plot."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format=Path(path).suffix.lstrip(".") or "png", **savefig)
+    atomic_write(Path(path), buf.getvalue())
+    return Path(path)

@@ -36,6 +36,7 @@ from robustopt.errors import ConfigError
 from robustopt.evaluation.attacks import deepfool, pgd
 from robustopt.evaluation.attacks._common import predict
 from robustopt.evaluation.sanity import diameter
+from robustopt.files import save_figure
 from robustopt.threat.model import ThreatModel
 from robustopt.threat.perturb import check_inputs, check_module, check_threat
 
@@ -186,6 +187,6 @@ def plot_histogram(
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
     return path

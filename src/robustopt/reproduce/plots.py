@@ -20,6 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from robustopt.data.datasets import Dataset, to_float  # noqa: E402
+from robustopt.files import save_figure
 from robustopt.reproduce.claims import NORM_LABEL  # noqa: E402
 from robustopt.reproduce.seeds import at  # noqa: E402
 
@@ -63,7 +64,7 @@ def accuracy_vs_eps(results: dict[str, Any], path: Path) -> None:
     )
     fig.legend([handles[k] for k in labels], labels, loc="lower center", ncol=min(len(labels), 4), fontsize=7, frameon=False)
     fig.tight_layout(rect=(0, 0.06 + 0.04 * ((len(labels) - 1) // 4), 1, 0.95))
-    fig.savefig(path, dpi=DPI)
+    save_figure(fig, path, dpi=DPI)
     plt.close(fig)
 
 
@@ -87,7 +88,7 @@ def minimal_cdf(results: dict[str, Any], path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
+    save_figure(fig, path, dpi=DPI)
     plt.close(fig)
 
 
@@ -134,7 +135,7 @@ def examples_grid(
     what = "where the nets disagree" if disagree else "(the nets agree on every pooled image)"
     fig.suptitle(f"Each net's own white-box attack; test images {what}; red = fooled", fontsize=7)
     fig.tight_layout(pad=0.3)
-    fig.savefig(path, dpi=72)
+    save_figure(fig, path, dpi=72)
     plt.close(fig)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import typer
@@ -22,7 +23,7 @@ def reproduce_command(
     config: Path | None = typer.Option(None, "--config", help="TOML file overriding fields of the schedule."),
     device: str | None = typer.Option(None, help="auto | cpu | cuda | cuda:N | mps  [default: auto]"),
     data_dir: Path | None = typer.Option(None, "--data-dir", help="Where to look for datasets first."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+    progress: bool | None = typer.Option(None, "--progress/--no-progress", help="Progress bars  [default: on a terminal]"),
 ) -> None:
     """Train the paper's nets (reusing finished runs in OUT), evaluate them on its protocol, write OUT/report.md."""
     from robustopt.reproduce.runner import load_schedule, reproduce
@@ -34,7 +35,8 @@ def reproduce_command(
         raise ConfigError(f"--seeds must be a whole number >= 1, got {seeds}")
     plan_schedule = load_schedule(dataset, plan, config, seeds=seeds)  # validated in full before anything trains
     where = out or Path(f"reproduce-{dataset}{'' if plan == 'full' else '-' + plan}")
-    reproduce(plan_schedule, where, plan=plan, data_dir=data_dir, device=device, progress=progress, log=typer.echo)
+    show = sys.stderr.isatty() if progress is None else progress
+    reproduce(plan_schedule, where, plan=plan, data_dir=data_dir, device=device, progress=show, log=typer.echo)
     typer.echo(f"report: {where / 'report.md'}")
 
 
