@@ -47,7 +47,7 @@ def test_torchrun_trains_a_factory_model_on_npz_data_like_one_process(tmp_path: 
     assert done.returncode == 0, done.stderr[-2000:]
     sys.path.insert(0, str(tmp_path))
     try:
-        a, b = load_model(tmp_path / "ddp"), load_model(tmp_path / "single")
+        a, b = load_model(tmp_path / "ddp", trust_code=True), load_model(tmp_path / "single", trust_code=True)
     finally:
         sys.path.remove(str(tmp_path))
         sys.modules.pop("ddpnets", None)
