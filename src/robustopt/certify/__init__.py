@@ -4,7 +4,7 @@ Attacks give an upper bound on robust accuracy; :func:`certify` gives a guarante
 Certified training losses (IBP, CROWN-IBP, Gaussian noise) are in :mod:`robustopt.certify.training`.
 """
 
-from robustopt.certify.core import METHODS, CertifyResult, certify, margin_bounds
+from robustopt.certify.core import BOUND_METHODS, METHODS, CertifyResult, certify, check_supported, margin_bounds
 from robustopt.certify.layers import Residual
 
-__all__ = ["METHODS", "CertifyResult", "Residual", "certify", "margin_bounds"]
+__all__ = ["BOUND_METHODS", "METHODS", "CertifyResult", "Residual", "certify", "check_supported", "margin_bounds"]

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from robustopt.certify.bounds import InputSet, crown_margins, ibp_margins, interval_bounds, margin_spec
-from robustopt.certify.layers import build_graph
+from robustopt.certify.layers import MaxPoolOp, build_graph
 from robustopt.errors import ConfigError, DataError
 from robustopt.threat.model import ThreatModel
 from robustopt.threat.perturb import check_inputs, preserve_state
@@ -121,6 +121,21 @@ def certify(
     verified = (margins > 0).all(dim=1) & correct
     return CertifyResult(margins, verified, correct, _mean(verified), _mean(correct), method, threat_info,
                          time.perf_counter() - start, options={"slope": slope})  # fmt: skip
+
+
+def check_supported(model: nn.Module, like: Tensor, method: str, *, flag: str = "method") -> None:
+    """Refuse, in one line and before any costly work, a method or a model the certifier cannot bound.
+
+    ``like``: inputs of the model's shape (one is used). ``flag`` names the option in the message (e.g. ``--certify``).
+    Raises ConfigError naming the unsupported layer (or MaxPool2d under a CROWN method)."""
+    if method not in BOUND_METHODS:
+        raise ConfigError(f"unknown {flag} {method!r}: choose one of {', '.join(BOUND_METHODS)}")
+    with preserve_state(model), torch.no_grad():
+        model.eval()
+        graph = build_graph(model, like[:1])
+    if method != "ibp" and any(isinstance(node.op, MaxPoolOp) for node in graph):
+        raise ConfigError(f"certify: {flag} {method} cannot bound MaxPool2d (interval bounds only); use {flag} ibp for this "
+                          "model")  # fmt: skip
 
 
 def _mean(mask: Tensor) -> float:

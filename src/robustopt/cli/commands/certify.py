@@ -57,7 +57,10 @@ def _summary(res: dict[str, Any], run: str, dataset: str) -> dict[str, Any]:
 def certify_command(
     run: str = typer.Argument(..., help="A finished training run directory, or pretrained:NAME."),
     norm: str = typer.Option("linf", help="linf | l2 | l1 (smoothing: l2)"),
-    eps: str = typer.Option(..., help="Radius ε in pixel units, e.g. 0.1 or 8/255."),
+    eps: str | None = typer.Option(None, help="Radius ε in pixel units, e.g. 0.1 or 8/255 (or --curve)."),
+    curve: str | None = typer.Option(None, "--curve", help="EPS1,EPS2,...: verified and attacked accuracy at each ε."),
+    plot: Path | None = typer.Option(None, "--plot", help="With --curve: write certified accuracy against ε to this PNG."),
+    attack: str = typer.Option("pgd", help="With --curve: the attack drawn beside the verified accuracy (none: no attack)."),
     method: str = typer.Option("crown", help="crown | crown-ibp | ibp | smoothing"),
     subset: int | None = typer.Option(None, help="Certify the first N test images  [default: all]"),
     batch_size: int = typer.Option(500, help="Examples per bound computation (smoothing: noisy copies per batch)."),
@@ -80,6 +83,13 @@ def certify_command(
 
     if method not in METHODS:
         raise ConfigError(f"unknown --method {method!r}: choose one of {', '.join(METHODS)}")
+    if (eps is None) == (curve is None):
+        raise ConfigError("pass either --eps E or --curve EPS1,EPS2,... (not both, not neither)")
+    if curve is not None:
+        _curve(run, norm, curve, plot, attack, method, subset, batch_size, as_json, data_dir, device, trust_code)
+        return
+    if plot is not None:
+        raise ConfigError("--plot goes with --curve EPS1,EPS2,...")
     threat = ThreatModel(norm, parse_number(eps, "--eps"))
     extra: dict[str, Any] = {}
     if method == "smoothing":
@@ -96,6 +106,39 @@ def certify_command(
     for r, acc in res["certified_accuracy"].items():
         typer.echo(f"certified at l2 radius {r:>5}  {acc:.4f}")
     typer.echo(f"time {res['seconds']:.1f} s")
+
+
+def _curve(run: str, norm: str, curve: str, plot: Path | None, attack: str, method: str, subset: int | None, batch_size: int,
+           as_json: bool, data_dir: Path | None, device: str | None, trust_code: bool) -> None:  # fmt: skip
+    """``--curve``: verified (and attacked) accuracy at each ε, printed or as JSON, and the plot with ``--plot``."""
+    from robustopt.certify import BOUND_METHODS
+    from robustopt.certify.plots import certified_curve_plot
+    from robustopt.cli.commands.evaluate import _check_output_path
+    from robustopt.errors import ConfigError
+    from robustopt.evaluation.attacks import check_attack
+    from robustopt.evaluation.report import certified_curve
+
+    if method not in BOUND_METHODS:
+        raise ConfigError(f"--curve goes with --method {' | '.join(BOUND_METHODS)} (smoothing reports --radii instead)")
+    eps = _radii(curve)
+    if not eps or min(eps) < 0:
+        raise ConfigError(f"--curve needs radii >= 0, comma-separated, got {curve!r}")
+    chosen = None if attack == "none" else check_attack(attack)
+    _check_output_path(plot, "--plot")
+    model, x, y, dataset = _load(run, device, subset, data_dir, trust_code)
+    res = certified_curve(model, x, y, norm, eps, chosen, certify=method, certify_batch_size=batch_size)
+    res.update(run=str(run), dataset=dataset)
+    if plot is not None:
+        title = f"{run}: certified ({method}) vs {chosen or 'no attack'}, {len(y)} test images"
+        res["plot"] = str(certified_curve_plot({norm: {str(run): res}}, plot, title=title))
+    if as_json:
+        typer.echo(json.dumps(res, sort_keys=True))
+        return
+    typer.echo(f"clean accuracy {res['clean']:.4f}  (n={res['n']}); verified ({method}) is a lower bound, {chosen} an upper")
+    for e, v, a in zip(res["eps"], res["verified"], res["attacked"], strict=True):
+        typer.echo(f"{norm} eps={e:<8g} verified {v:.4f}" + ("" if a is None else f"  {chosen} {a:.4f}  gap {a - v:.4f}"))
+    if plot is not None:
+        typer.echo(f"wrote {res['plot']}")
 
 
 def _radii(text: str) -> list[float]:

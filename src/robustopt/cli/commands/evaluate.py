@@ -72,6 +72,10 @@ def _print_human(res: dict[str, Any]) -> None:
     typer.echo(f"clean accuracy        {res['clean_accuracy']:.4f}  (n={res['n']})")
     what = "transfer" if res["transfer"] else "white-box"
     typer.echo(f"{res['attack']} {res['norm']} eps={res['eps']:g} ({what})  {res['adversarial_accuracy']:.4f}")
+    if "verified_accuracy" in res:
+        typer.echo(f"{'verified (' + res['certify_method'] + ')':22s}{res['verified_accuracy']:.4f}  (a guaranteed lower bound; "
+                   f"{res['certify_seconds']:.1f} s)")  # fmt: skip
+        typer.echo(f"gap                   {res['gap']:.4f}  (attacked minus verified: robust accuracy lies in between)")
     for comp, left in (res.get("components") or {}).items():
         typer.echo(f"  robust after {comp:10s} {left}")
     for name, c in (res.get("sanity") or {}).items():
@@ -142,6 +146,7 @@ def evaluate_command(**o: Any) -> None:
     from robustopt.evaluation.attacks import check_attack
     from robustopt.evaluation.attacks.autoattack import is_standard
     from robustopt.evaluation.evaluate import evaluate
+    from robustopt.evaluation.report import bounds
     from robustopt.files import write_json
 
     attack = check_attack(o["attack"])
@@ -158,9 +163,14 @@ def evaluate_command(**o: Any) -> None:
         src = _source(o, loaded)
     progress = sys.stderr.isatty() if o["progress"] is None else o["progress"]
     sanity = "off" if o["no_sanity"] else o["sanity"]
-    res = evaluate(loaded.model, loaded.x, loaded.y, threat, attack, steps=o["steps"], restarts=o["restarts"], options=extra,
-                   batch_size=o["batch_size"], source_model=src, seed=o["seed"], progress=progress, partial_path=o["partial"],
-                   sanity=sanity, num_classes=loaded.num_classes, advice="cli").to_dict()  # fmt: skip
+    kwargs = dict(steps=o["steps"], restarts=o["restarts"], options=extra, batch_size=o["batch_size"], source_model=src,
+                  seed=o["seed"], progress=progress, partial_path=o["partial"], sanity=sanity, num_classes=loaded.num_classes,
+                  advice="cli")  # fmt: skip
+    if o["certify"] is not None:  # the model is checked for the certifier before the attack runs
+        res = bounds(loaded.model, loaded.x, loaded.y, threat, attack, certify=o["certify"], flag="--certify", **kwargs)
+    else:
+        res = evaluate(loaded.model, loaded.x, loaded.y, threat, attack, **kwargs)
+    res = res.to_dict()
     as_text = {k: None if o[k] is None else str(o[k]) for k in ("run_dir", "source", "weights")}
     res.update(as_text, model=o["model_spec"], dataset=loaded.data_name)
     if attack == "autoattack":
@@ -203,6 +213,8 @@ COMMON_PARAMETERS = {
     "batch_size": (int, _opt(500, min=1, help="Examples per attack batch.")),
     "source": (str | None, _opt(None, "--source", help="Build the examples on this run's model (transfer).")),
     "partial": (Path | None, _opt(None, "--partial", help="Save partial results here and continue from them.")),
+    "certify": (str | None, _opt(None, "--certify", help="ibp | crown-ibp | crown: also certify, and print the verified "
+                                 "accuracy (a lower bound) beside the attacked one (an upper bound) and the gap.")),  # fmt: skip
     "sanity": (str, _opt("light", "--sanity", help="light (about a quarter of the attack's cost) | full | off")),
     "no_sanity": (bool, _opt(False, "--no-sanity", help="Skip the gradient-masking sanity checks.")),
     "as_json": (bool, _opt(False, "--json", help="Print one JSON object on stdout.")),
