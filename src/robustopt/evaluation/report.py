@@ -99,8 +99,9 @@ def bounds(
         if strict:
             raise SoundnessError(msg)
         print("ERROR: " + msg, file=sys.stderr)
-    gap = ev.adversarial_accuracy - cert.verified_accuracy
-    return BoundsResult(ev, cert, cert.verified_accuracy, ev.adversarial_accuracy, gap, bad)
+    n = len(verified)  # both accuracies as counts / n, as evaluate counts: the gap is exact and never negative
+    verified_acc, gap = int(verified.sum()) / n, (int(robust.sum()) - int(verified.sum())) / n
+    return BoundsResult(ev, cert, verified_acc, ev.adversarial_accuracy, gap, bad)
 
 
 def certified_curve(
@@ -132,8 +133,8 @@ def certified_curve(
             b = bounds(model, x, y, threat, attack, certify=certify, certify_batch_size=certify_batch_size, **evaluate_options)
             cert, attacked = b.certified, b.attacked_accuracy
         out["eps"].append(float(e))
-        out["verified"].append(cert.verified_accuracy)
+        out["verified"].append(int(cert.verified.sum()) / len(y))  # counted as bounds() and evaluate() count
         out["attacked"].append(attacked)
         out["certify_seconds"].append(cert.seconds)
-        out["clean"] = cert.clean_accuracy
+        out["clean"] = int(cert.clean_correct.sum()) / len(y)
     return out

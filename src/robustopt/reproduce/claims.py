@@ -122,6 +122,12 @@ def sanity(ev: dict[str, Any]) -> list[dict[str, Any]]:
         if key in ev["transfer"]:
             t = ev["transfer"][key]
             add(f"white-box ≤ transfer, {lab}", wb["pgd"] <= t + TOL, f"white-box PGD {pct(wb['pgd'])}% vs transfer {pct(t)}%")
+    for norm, v in (ev.get("verified") or {}).items():
+        if v.get("accuracy") is not None and norm in ev["whitebox"]:
+            pgd, lab = ev["whitebox"][norm]["pgd"], f"{NORM_LABEL[norm]} ε={v['eps']:.4g}"
+            broken = v.get("inconsistent") or 0
+            add(f"verified (IBP) ≤ PGD, {lab}", v["accuracy"] <= pgd + TOL and not broken,
+                f"verified {pct(v['accuracy'])}% vs PGD {pct(pgd)}%; {broken:g} image(s) verified yet broken by PGD")  # fmt: skip
     for norm, points in ev["curves"].items():
         accs = [a for _, a in points]
         add(

@@ -139,6 +139,24 @@ def examples_grid(
     plt.close(fig)
 
 
+def certified_vs_eps(results: dict[str, Any], path: Path) -> bool:
+    """IBP verified accuracy against ε beside each net's PGD curve (same ε, same images); False when nothing was certified."""
+    from robustopt.certify.plots import certified_curve_plot
+
+    s, panels = results["schedule"], {}
+    for name, net in results["nets"].items():
+        for norm, ver in (net["eval"].get("curves_verified") or {}).items():
+            pgd = net["eval"]["curves"][norm]
+            if ver and len(ver) == len(pgd):
+                curve = {"eps": [e for e, _ in ver], "verified": [v for _, v in ver], "attacked": [a for _, a in pgd]}
+                panels.setdefault(norm, {})[name] = {**curve, "method": "IBP", "attack": f"PGD-{s['curve_steps']}"}
+    if not panels:
+        return False
+    title = f"Verified (IBP, lower bound) and white-box PGD-{s['curve_steps']} (upper bound), first {s['curve_n']} test images"
+    certified_curve_plot(panels, path, title=title + _seeds_note(results), dpi=DPI)
+    return True
+
+
 def make_plots(results: dict[str, Any], out: Path, data: Dataset) -> list[str]:
     """Write the three PNGs into ``out``; returns their file names."""
     from robustopt.errors import CheckpointError
@@ -153,6 +171,8 @@ def make_plots(results: dict[str, Any], out: Path, data: Dataset) -> list[str]:
         except CheckpointError:
             continue
     names = ["accuracy_vs_eps.png", "minimal_perturbations.png"]
+    if certified_vs_eps(results, out / "certified_vs_eps.png"):
+        names.append("certified_vs_eps.png")
     if examples and results["schedule"]["examples"] > 0:
         examples_grid(results, examples, data, out / "examples.png")
         names.append("examples.png")

@@ -9,8 +9,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from robustopt.reproduce.claims import NORM_LABEL
 from robustopt.reproduce.schedule import Schedule
 from robustopt.threat.model import ThreatModel, get_norm
+
+CERT_NORMS = ("linf", "l2")  # norms whose IBP bound is not vacuous (ℓ2: exact first layer); ℓ1 is only boxed
 
 
 def _acc(model: nn.Module, x: Tensor, y: Tensor, attack: str, threat: ThreatModel, s: Schedule, **kw: Any) -> dict[str, Any]:
@@ -54,6 +57,9 @@ def evaluate_net(
       ``source`` (the baseline) per norm and radius × scale;
     * ``whitebox``: single-step and PGD against the net itself at the training radii, with the evaluator's
       sanity checks (:mod:`robustopt.evaluation.sanity`) on ``sanity_norm``;
+    * ``verified``: IBP verified accuracy (a guaranteed lower bound, ≤ PGD) at the same radii, per norm where IBP can
+      bound the norm and the net (``accuracy`` None and a ``reason`` otherwise); ``curves_verified``: the same along
+      the curves' ε;
     * ``curves``: PGD accuracy against ε; ``minimal``: DeepFool minimal perturbations of the correctly
       classified images (:mod:`robustopt.evaluation.stability`).
 
@@ -64,11 +70,13 @@ def evaluate_net(
     norms = list(s.radii)
     total = len(norms) * (len(s.transfer_scales) + 1) + len(s.curve_norms) + len(s.minimal_norms)
     bar = tqdm(total=total, desc="evaluate", leave=False, disable=not progress, unit="step")
-    res: dict[str, Any] = {"n": len(y), "transfer": {}, "whitebox": {}, "curves": {}, "minimal": {}, "sanity": {}}
+    res: dict[str, Any] = {"n": len(y), "transfer": {}, "whitebox": {}, "verified": {}, "curves": {}, "curves_verified": {},
+                           "minimal": {}, "sanity": {}}  # fmt: skip
     for norm in norms:
         _transfer_and_whitebox(res, model, source, x, y, s, norm, sanity_norm, bar)
     for norm in s.curve_norms:
         res["curves"][norm] = _curve(model, x[: s.curve_n], y[: s.curve_n], s, norm)
+        res["curves_verified"][norm] = _verified_curve(model, x[: s.curve_n], y[: s.curve_n], res["curves"][norm], s, norm)
         bar.update(1)
     _minimal(res, model, x[: s.minimal_n], y[: s.minimal_n], s, bar)
     bar.close()
@@ -84,14 +92,54 @@ def _transfer_and_whitebox(res: dict[str, Any], model, source, x, y, s: Schedule
         res["transfer"][f"{norm}@{scale:g}"] = _acc(model, x, y, "fgsm", t, s, source_model=source)["adversarial_accuracy"]
         bar.update(1)
     t = ThreatModel(norm, s.pixel_radius(norm))
-    pgd = _acc(model, x, y, "pgd", t, s, steps=s.attack_steps, restarts=s.attack_restarts, sanity=norm == sanity_norm,
-               sanity_n=min(s.sanity_n, len(y)))  # fmt: skip
+    pgd, res.setdefault("verified", {})[norm] = _pgd_and_verified(model, x, y, t, s, norm == sanity_norm)
     fgsm = _acc(model, x, y, "fgsm", t, s)["adversarial_accuracy"]
     res["clean"] = pgd["clean_accuracy"]
     res["whitebox"][norm] = {"eps": t.eps, "fgsm": fgsm, "pgd": pgd["adversarial_accuracy"]}
     if "sanity" in pgd:
         res["sanity"] = {"norm": norm, "eps": t.eps, "checks": pgd["sanity"]}
     bar.update(1)
+
+
+def cannot_certify(model: nn.Module, x: Tensor, norm: str) -> str | None:
+    """Why IBP does not certify this net in this norm (shown as "n/a" in the report), or None when it does."""
+    from robustopt.certify import check_supported
+    from robustopt.errors import ConfigError
+
+    if norm not in CERT_NORMS:
+        return f"IBP bounds an {NORM_LABEL[norm]} ball only by its enclosing box: vacuous at these radii"
+    try:
+        check_supported(model, x, "ibp")
+    except ConfigError as e:
+        return str(e)
+    return None
+
+
+def _pgd_and_verified(model, x: Tensor, y: Tensor, t: ThreatModel, s: Schedule, checked: bool) -> tuple[dict, dict]:
+    """White-box PGD at ``t`` and, where IBP can bound the net in this norm, its verified accuracy on the same images,
+    checked per example (an image verified robust that PGD breaks is a soundness bug: flagged, counted in
+    ``inconsistent``, and failed in the sanity checks). The certified part never crashes the run: "n/a" with a reason."""
+    from robustopt.evaluation.evaluate import evaluate
+    from robustopt.evaluation.report import bounds
+
+    kw = dict(steps=s.attack_steps, restarts=s.attack_restarts, sanity=checked, sanity_n=min(s.sanity_n, len(y)),
+              batch_size=s.eval_batch, seed=s.seed, progress=False)  # fmt: skip
+    why = cannot_certify(model, x, t.norm)
+    if why is not None:
+        return evaluate(model, x, y, t, "pgd", **kw).to_dict(), {"eps": t.eps, "method": "ibp", "accuracy": None, "reason": why}
+    b = bounds(model, x, y, t, "pgd", certify="ibp", certify_batch_size=s.eval_batch, strict=False, **kw)
+    info = {"eps": t.eps, "method": "ibp", "accuracy": b.verified_accuracy, "seconds": round(b.certified.seconds, 3),
+            "inconsistent": len(b.inconsistent)}  # fmt: skip
+    return b.evaluation.to_dict(), info
+
+
+def _verified_curve(model: nn.Module, x: Tensor, y: Tensor, points: list[list[float]], s: Schedule, norm: str) -> list:
+    """IBP verified accuracy at the ε of a PGD curve's points: ``[[ε, verified], ...]`` (empty where IBP cannot)."""
+    from robustopt.certify import certify
+
+    if cannot_certify(model, x, norm) is not None:
+        return []
+    return [[e, certify(model, x, y, ThreatModel(norm, e), "ibp", batch_size=s.eval_batch).verified_accuracy] for e, _ in points]
 
 
 def _curve(model: nn.Module, x: Tensor, y: Tensor, s: Schedule, norm: str) -> list[list[float]]:

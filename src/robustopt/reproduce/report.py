@@ -12,7 +12,7 @@ import math
 from typing import Any
 
 from robustopt.reproduce.claims import FAST_NAME, NORM_LABEL, claims, groups, pct, sanity, transfer_label, transfer_sets
-from robustopt.reproduce.seeds import cell, combine_seeds
+from robustopt.reproduce.seeds import at, cell, combine_seeds
 
 # Clean test accuracy noted in the authors' public code (PAPER.md); MNIST, paper-mnist.
 PAPER_EPOCHS = {"mnist": 120, "cifar10": 300}  # the authors' code (PAPER.md)
@@ -126,7 +126,27 @@ def whitebox_table(results: dict[str, Any], names: list[str]) -> str:
             [f"PGD-{s['attack_steps']} ×{s['attack_restarts']} restart(s), {lab}"]
             + [cell(nets[k], "eval", "whitebox", norm, "pgd") for k in names]
         )
+        if any(at(nets[k], "eval", "verified", norm) for k in names):
+            rows.append([f"verified (IBP) ≤ PGD, {lab}"] + [_verified_cell(nets[k], norm) for k in names])
     return _table(["attack against the net itself"] + [_short(k) for k in names], rows)
+
+
+def _verified_cell(net: dict[str, Any], norm: str) -> str:
+    v = at(net, "eval", "verified", norm)
+    if not v:
+        return "–"
+    return "n/a" if v.get("accuracy") is None else cell(net, "eval", "verified", norm, "accuracy")
+
+
+def verified_note(results: dict[str, Any], names: list[str]) -> str:
+    """What the verified rows mean, and why a cell is "n/a"."""
+    why = {(at(results["nets"][k], "eval", "verified", n) or {}).get("reason") for k in names for n in results["radii"]}
+    why.discard(None)
+    if not any(at(results["nets"][k], "eval", "verified") for k in names):
+        return ""
+    text = ("Verified (IBP, interval bound propagation) is a guaranteed lower bound on robust accuracy on the same images "
+            "(PGD gives an upper bound); nets not trained for certification are usually verified on few images.")  # fmt: skip
+    return text + "".join(f" n/a: {r}." for r in sorted(why))
 
 
 def minimal_table(results: dict[str, Any], names: list[str]) -> str:
@@ -278,6 +298,8 @@ def render(results: dict[str, Any]) -> str:
             f"## White-box accuracy (%){sub}",
             "",
             whitebox_table(results, names),
+            "",
+            verified_note(results, names),
             "",
             f'## Minimal perturbations ("harder to generate"){sub}',
             "",

@@ -78,7 +78,7 @@ def file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-PROTOCOL = 2  # bump when evaluate_net's output changes shape (2: examples on each net's own norm, a larger pool)
+PROTOCOL = 3  # bump when evaluate_net's output changes shape (2: examples on each net's own norm, a larger pool; 3: IBP verified)
 
 
 def eval_key(schedule: Schedule, net_dir: Path, baseline_dir: Path) -> str:
