@@ -20,6 +20,9 @@ from torch import nn
 from robustopt.errors import CheckpointError
 from robustopt.tensors import load_state_into, load_tensors, save_tensors, unwrap
 
+EXTRA_KEYS = ("stopped", "best_guard", "best_pgd_acc", "best_epoch", "scheduler_steps", "ema_updates")
+CARRIED_WEIGHTS = ("best.", "ema.")  # carried copies of the model's state: the fast guard's best, the weight average
+
 
 @dataclass
 class Progress:
@@ -99,7 +102,7 @@ def _check_progress(raw: Any, path: Path, epochs: int | None, batches_per_epoch:
     rows_ok = isinstance(prog.history, list) and len(prog.history) == prog.epoch  # one row per finished epoch
     if not rows_ok or not all(_is_row(r) for r in prog.history) or not isinstance(prog.extra, dict):
         raise CheckpointError(f"{path}: progress history is malformed; restart with --overwrite")
-    if not all(k in ("stopped", "best_guard") and _is_number(v) for k, v in prog.extra.items()):
+    if not all(k in EXTRA_KEYS and _is_number(v) for k, v in prog.extra.items()):
         raise CheckpointError(f"{path}: progress extras are malformed; restart with --overwrite")
     return prog
 
@@ -114,10 +117,11 @@ def _is_row(row: Any) -> bool:
 
 
 def _check_method_state(state: dict[str, torch.Tensor], model: nn.Module, path: Path) -> None:
-    """Carried tensors (free training's δ, the fast guard's best weights) must be finite and fit the model."""
+    """Carried tensors (free training's δ, the fast guard's best weights, the EMA) must be finite and fit the model."""
     weights = unwrap(model).state_dict()
     for k, v in state.items():
-        fits = k[5:] in weights and v.shape == weights[k[5:]].shape if k.startswith("best.") else v.is_floating_point()
+        name = k.split(".", 1)[1] if k.startswith(CARRIED_WEIGHTS) else None
+        fits = name in weights and v.shape == weights[name].shape if name is not None else v.is_floating_point()
         if not fits or (v.is_floating_point() and not bool(torch.isfinite(v).all())):
             raise CheckpointError(f"{path}: carried training state {k!r} does not fit the model; restart with --overwrite")
 

@@ -103,6 +103,17 @@ class TrainConfig:
     checkpoint_minutes: float = _opt(10.0, "Also checkpoint every N minutes inside an epoch")
     guard_drop: float = _opt(0.2, "fast: stop when held-out PGD accuracy falls this far below its best")
     tensorboard: bool = _opt(False, "Write TensorBoard events to the run directory (needs tensorboard installed)")
+    ema_decay: float | None = _opt(
+        None, "Weight averaging: EMA decay per step, e.g. 0.995; the EMA is the model saved and evaluated [default: off]"
+    )
+    ema_warmup: bool = _opt(True, "Warm the EMA up: decay min(ema-decay, (1+t)/(10+t)) at step t (Gowal et al. 2020)")
+    eps_ramp_epochs: float = _opt(0.0, "Ramp ε and the inner step size linearly from 0 over the first N epochs (0: off)")
+    awp_gamma: float | None = _opt(
+        None, "Adversarial weight perturbation (Wu et al. 2020): relative size γ per layer, e.g. 0.005 [default: off]"
+    )
+    label_smoothing: float = _opt(0.0, "Label smoothing of the outer cross-entropy (0: off)")
+    extra_data: str | None = _opt(None, "Extra training data: an .npz of x and y (labels or pseudo-labels) [default: none]")
+    extra_ratio: float = _opt(0.5, "With --extra-data: fraction of each batch drawn from the extra data")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -173,9 +184,11 @@ class TrainConfig:
         self._validate_integers()
         if self.method not in ("standard",) and self.eps == 0:
             raise ConfigError(f"--eps must be > 0 for method {self.method!r}")
+        if self.extra_data is not None and self.batch_size < 2:
+            raise ConfigError("--extra-data needs --batch-size >= 2: each minibatch holds training and extra examples")
         if self.schedule == "multistep" and not self.milestones:
             raise ConfigError("--schedule multistep needs --milestones, e.g. --milestones 100,150")
-        for flag in ("nesterov", "compile", "channels_last", "sync_bn", "deterministic", "tensorboard"):
+        for flag in ("nesterov", "compile", "channels_last", "sync_bn", "deterministic", "tensorboard", "ema_warmup"):
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigError(f"{flag.replace('_', '-')} must be true or false, got {getattr(self, flag)!r}")
         for flag in ("augment", "early_stop"):
@@ -199,6 +212,29 @@ class TrainConfig:
         self.weight_decay = _number("weight-decay", self.weight_decay, minimum=0.0)
         self.checkpoint_minutes = _number("checkpoint-minutes", self.checkpoint_minutes, minimum=0.0, strict=True)
         self.guard_drop = _number("guard-drop", self.guard_drop, minimum=0.0, maximum=1.0)
+        self._validate_techniques()
+
+    def _validate_techniques(self) -> None:
+        """EMA, ε ramp, AWP, label smoothing and extra data; each one-line error names the flag."""
+        if self.ema_decay is not None:
+            self.ema_decay = _number("ema-decay", self.ema_decay, minimum=0.0, maximum=1.0)
+            if self.ema_decay >= 1.0:
+                raise ConfigError(f"--ema-decay must be < 1 (1 would never move the average), got {self.ema_decay!r}")
+        self.eps_ramp_epochs = _number("eps-ramp-epochs", self.eps_ramp_epochs, minimum=0.0)
+        if isinstance(self.epochs, int) and self.eps_ramp_epochs > self.epochs:
+            raise ConfigError(f"--eps-ramp-epochs ({self.eps_ramp_epochs:g}) must not exceed --epochs ({self.epochs})")
+        if self.awp_gamma is not None:
+            self.awp_gamma = _number("awp-gamma", self.awp_gamma, minimum=0.0, maximum=1.0, strict=True)
+        self.label_smoothing = _number("label-smoothing", self.label_smoothing, minimum=0.0, maximum=0.999)
+        self.extra_ratio = _number("extra-ratio", self.extra_ratio, minimum=0.0, maximum=0.99, strict=True)
+        if self.extra_data is not None and (not isinstance(self.extra_data, str) or not self.extra_data):
+            raise ConfigError(f"--extra-data must be a path to an .npz of x and y, got {self.extra_data!r}")
+        certified = self.method in ("ibp", "crown-ibp", "gaussian")
+        for flag, on in (("eps-ramp-epochs", self.eps_ramp_epochs > 0), ("label-smoothing", self.label_smoothing > 0),
+                         ("awp-gamma", self.awp_gamma is not None)):  # fmt: skip
+            if on and (certified or (flag == "awp-gamma" and self.method == "free")):
+                why = "ramps ε by its own schedule" if flag == "eps-ramp-epochs" else "has its own loss"
+                raise ConfigError(f"--{flag} does not apply to method {self.method!r}, which {why}; leave it unset")
 
     def _validate_integers(self) -> None:
         for name in ("steps", "replays", "epochs", "batch_size", "lr_step", "subset", "test_subset", "eval_pgd_steps"):

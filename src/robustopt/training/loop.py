@@ -30,13 +30,16 @@ from robustopt.rundir import BEST, CHECKPOINT, CONFIG, MODEL, SUMMARY, RunDir, w
 from robustopt.tensors import save_model
 from robustopt.threat.model import ThreatModel
 from robustopt.training import distributed as dist
+from robustopt.training.awp import awp_step
 from robustopt.training.batches import TrainData, batches, num_batches
 from robustopt.training.checkpoint import load_checkpoint, save_checkpoint
 from robustopt.training.config import TrainConfig
+from robustopt.training.ema import WeightAverage
+from robustopt.training.extra import extra_batches, extra_count, labelled_batch_size, mixed
 from robustopt.training.metrics import guard_accuracy, pgd_accuracy, source_accuracy
 from robustopt.training.monitor import Board, Log, epoch_line, make_bar, want_bar
 from robustopt.training.objectives import train_step
-from robustopt.training.schedules import lr_factor, set_scheduled_lr
+from robustopt.training.schedules import eps_factor, lr_factor, ramped, set_scheduled_lr
 from robustopt.training.setup import Run, build_step, guard_size, prepare, resolve_config
 
 
@@ -147,6 +150,8 @@ def run_fit(
     dist_was_up = torch.distributed.is_available() and torch.distributed.is_initialized()
     run, _ = prepare(model, train_data, test_data, cfg, threat, out, device, meta)
     run.ctx = build_step(run.cfg, run, threat, options["optimizer"])
+    if run.cfg.ema_decay is not None:  # from the initial weights; a resume loads the saved average over it
+        run.ema = WeightAverage(run.model, run.cfg.ema_decay, run.cfg.ema_warmup)
     run.scheduler, run.scheduler_interval = scheduler, options["scheduler_interval"]
     run.base_lrs = [float(g["lr"]) for g in run.ctx.optimizer.param_groups]
     run.log, run.bar = log, want_bar(progress, run.info.is_main)
@@ -181,12 +186,14 @@ def _open(run: Run, rd: RunDir, *, resume: bool, overwrite: bool) -> None:
     if run.info.is_main:
         run.log(first_line(run))
     if do_resume and (run.out / CHECKPOINT).exists():
-        iters = num_batches(len(run.train), run.cfg.batch_size, run.info)
+        iters = num_batches(len(run.train), labelled_batch_size(run.cfg), run.info)
         run.prog, run.ctx.state, _ = load_checkpoint(
             run.out / CHECKPOINT, run.model, run.ctx.optimizer, run.ctx.generator, run.device, epochs=run.cfg.epochs,
             batches_per_epoch=iters,
         )  # fmt: skip
         _replay_scheduler(run)
+        if run.ema is not None:
+            run.ema.load(run.ctx.state, int(run.prog.extra.get("ema_updates", 0)))
         run.log(f"resuming {run.out} at epoch {run.prog.epoch + 1}, batch {run.prog.batch}")
     rd.write_json(CONFIG, run.meta)
 
@@ -228,6 +235,9 @@ def _replay_scheduler(run: Run) -> None:
 
 
 def _checkpoint(run: Run) -> None:
+    if run.ema is not None:  # the average travels as carried state; the raw weights stay the checkpoint's model
+        run.ctx.state.update(run.ema.state())
+        run.prog.extra["ema_updates"] = run.ema.updates
     if run.info.is_main:
         save_checkpoint(
             run.out / CHECKPOINT, run.model, run.ctx.optimizer, run.ctx.generator, run.ctx.state, run.prog, run.keys
@@ -239,10 +249,15 @@ def _train_epoch(run: Run) -> None:
     cfg, prog = run.cfg, run.prog
     epoch = prog.epoch
     run.model.train()
-    iters = num_batches(len(run.train), cfg.batch_size, run.info)
+    size = labelled_batch_size(cfg)  # the batch less its extra examples
+    iters = num_batches(len(run.train), size, run.info)
     t0, last_save = time.monotonic() - prog.seconds, time.monotonic()
     bar = make_bar(run.bar, iters, prog.batch, epoch, cfg.epochs)
-    stream = batches(run.train, cfg.batch_size, seed=cfg.seed, epoch=epoch, info=run.info, device=run.device, start=prog.batch)
+    stream = batches(run.train, size, seed=cfg.seed, epoch=epoch, info=run.info, device=run.device, start=prog.batch)
+    if run.extra is not None:
+        more = extra_batches(run.extra, extra_count(cfg), seed=cfg.seed, epoch=epoch, info=run.info, device=run.device,
+                             start=prog.batch)  # fmt: skip
+        stream = mixed(stream, more)
     for x, y in stream:
         _one_batch(run, x, y, iters)
         bar.update(1)
@@ -267,8 +282,11 @@ def _one_batch(run: Run, x: torch.Tensor, y: torch.Tensor, iters: int) -> None:
         x = x.contiguous(memory_format=torch.channels_last)
     if run.scheduler is None:
         set_scheduled_lr(run.ctx.optimizer, run.base_lrs, lr_factor(cfg, prog.epoch, prog.batch, iters))
-    run.ctx.progress = (prog.epoch + prog.batch / iters) / cfg.epochs  # drives the certified methods' schedules
-    loss, logits = train_step(run.ctx, x, y)
+    run.ctx.progress = (prog.epoch + prog.batch / iters) / cfg.epochs  # drives the ε ramps (certified methods' too)
+    ctx = ramped(run.ctx, eps_factor(cfg, run.ctx.progress))
+    loss, logits = awp_step(ctx, x, y, cfg.awp_gamma) if cfg.awp_gamma is not None else train_step(ctx, x, y)
+    if run.ema is not None:
+        run.ema.update(run.model)
     if not math.isfinite(loss):
         raise ConfigError(f"training diverged (loss {loss}) at epoch {prog.epoch + 1}; lower --lr")
     if run.scheduler is not None and run.scheduler_interval == "batch":
@@ -289,7 +307,7 @@ def _end_epoch(run: Run, seconds: float, lr: float) -> None:
         "loss": loss_sum / max(seen, 1.0),
         "train_acc": correct / max(seen, 1.0),
         "train_acc_on": "clean batches" if cfg.method == "standard" else "perturbed batches",
-        "test_acc": source_accuracy(run.model, run.test, run.device, info) if run.test is not None else None,
+        "test_acc": source_accuracy(run.record, run.test, run.device, info) if run.test is not None else None,
         "seconds": round(seconds, 3),
         "lr": lr,
     }
@@ -304,7 +322,7 @@ def _end_epoch(run: Run, seconds: float, lr: float) -> None:
             run.board.epoch(row)
     prog.epoch, prog.batch, prog.loss_sum, prog.correct, prog.seen, prog.seconds = prog.epoch + 1, 0, 0.0, 0.0, 0.0, 0.0
     if info.is_main:
-        save_model(run.out / MODEL, run.model, {"epoch": prog.epoch})
+        save_model(run.out / MODEL, run.record, {"epoch": prog.epoch})
         write_metrics(run.out, prog.history)
     _checkpoint(run)
 
@@ -314,13 +332,13 @@ def _robust_accuracy(run: Run, row: dict[str, Any]) -> None:
     cfg, prog = run.cfg, run.prog
     held = run.held.head(cfg.eval_pgd)  # type: ignore[union-attr]
     acc = pgd_accuracy(
-        run.model, held, run.ctx.threat, cfg.eval_pgd_steps, run.device, run.info, seed=cfg.seed * 7919 + prog.epoch
+        run.record, held, run.ctx.threat, cfg.eval_pgd_steps, run.device, run.info, seed=cfg.seed * 7919 + prog.epoch
     )
     row.update(pgd_acc=acc, pgd_steps=cfg.eval_pgd_steps, pgd_n=len(held))
     if cfg.keep_best and acc > prog.extra.get("best_pgd_acc", -1.0):
         prog.extra.update(best_pgd_acc=acc, best_epoch=prog.epoch + 1)
         if run.info.is_main:
-            save_model(run.out / BEST, run.model, {"epoch": prog.epoch + 1, "pgd_acc": acc})
+            save_model(run.out / BEST, run.record, {"epoch": prog.epoch + 1, "pgd_acc": acc})
 
 
 def _fast_guard(run: Run, row: dict[str, Any]) -> None:
@@ -342,7 +360,7 @@ def _fast_guard(run: Run, row: dict[str, Any]) -> None:
         run.model.load_state_dict({k[5:]: v for k, v in ctx.state.items() if k.startswith("best.")})
         prog.extra["stopped"] = prog.epoch + 1
         if run.test is not None:
-            row["test_acc"] = source_accuracy(run.model, run.test, run.device, run.info)  # of the restored weights
+            row["test_acc"] = source_accuracy(run.record, run.test, run.device, run.info)  # of the model of record
 
 
 def _finish(run: Run) -> FitSummary:

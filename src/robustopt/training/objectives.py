@@ -20,6 +20,9 @@ With ``J`` the per-example cross-entropy and ``x̃`` the inner maximiser in the 
 ``free`` (Shafahi et al. 2019) replays each minibatch and updates the weights inside the inner
 loop, so it is a method of :func:`robustopt.fit`, not an objective: see :func:`free_step`.
 
+The inner maximisation and the outer loss live apart in :mod:`robustopt.training.adversarial`; a label
+smoothing ``s`` replaces J by its smoothed form in the outer loss only.
+
 Shapes: x (B, ...) inside ``threat.bounds``, y (B,) int64 class indices, logits (B, K).
 """
 
@@ -43,9 +46,12 @@ from robustopt.threat.perturb import (
     check_labels,
     check_module,
     check_threat,
-    perturb,
     preserve_state,
 )
+from robustopt.training.adversarial import Objective, adversarial_examples, cross_entropy, kl_per_example, outer_loss
+
+__all__ = ["METHODS", "Objective", "StepContext", "kl_per_example", "make_objective", "objective_loss", "robust_loss",
+           "train_step"]  # fmt: skip
 
 Tensor = torch.Tensor
 
@@ -53,20 +59,6 @@ OBJECTIVES = ("standard", "goodfellow", "robust", "pgd", "fast", "trades", "mart
 CERTIFIED = ("ibp", "crown-ibp", "gaussian")  # robustopt.certify.training: scheduled by training progress
 METHODS = (*OBJECTIVES, *CERTIFIED, "free")
 DEFAULT_BETA = {"trades": 6.0, "mart": 6.0}
-TRADES_START = 0.001  # std of the Gaussian start of TRADES' and MART's inner maximisation
-
-
-@dataclass(frozen=True)
-class Objective:
-    """A method and its options, resolved to concrete values (see :func:`make_objective`)."""
-
-    method: str
-    alpha: float  # weight of the clean loss (goodfellow / robust / pgd / fast)
-    beta: float  # weight of the robustness term (trades / mart)
-    steps: int  # inner-max steps
-    step_size: float  # inner-max step α per iteration, pixel units
-    random_start: bool
-    sigma: float | None = None  # gaussian: noise std in pixels (default ε)
 
 
 def make_objective(
@@ -78,11 +70,12 @@ def make_objective(
     steps: int | None = None,
     step_size: float | None = None,
     sigma: float | None = None,
+    label_smoothing: float = 0.0,
 ) -> Objective:
     """Validate a method's options and fill in the defaults of its paper.
 
     Defaults: α = 0.5 for goodfellow, else 0; β = 6; steps 10 for pgd/trades/mart, else 1;
-    step size ε for one step, 1.25ε for fast, 2.5ε/steps for PGD-style methods."""
+    step size ε for one step, 1.25ε for fast, 2.5ε/steps for PGD-style methods; no label smoothing."""
     if method not in METHODS:
         raise ConfigError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
     if alpha is None:
@@ -100,7 +93,9 @@ def make_objective(
         raise ConfigError(f"method {method!r} needs eps > 0, got {threat.eps:g}")
     if sigma is not None:
         _check_option("sigma", sigma, 0.0, math.inf)
-    return Objective(method, float(alpha), float(beta), int(steps), float(step_size), method in ("pgd", "fast"), sigma)
+    _check_option("label-smoothing", label_smoothing, 0.0, 0.999)
+    random_start = method in ("pgd", "fast")
+    return Objective(method, float(alpha), float(beta), int(steps), float(step_size), random_start, sigma, float(label_smoothing))
 
 
 def _check_option(name: str, value: Any, lo: float, hi: float) -> None:
@@ -122,6 +117,7 @@ def robust_loss(
     step_size: float | None = None,
     generator: torch.Generator | None = None,
     attack_model: nn.Module | None = None,
+    label_smoothing: float = 0.0,
 ) -> Tensor:
     """The scalar training loss of ``method`` on the batch (x, y); call ``.backward()`` on it.
 
@@ -141,6 +137,8 @@ def robust_loss(
         generator: seeds random starts (reproducible training).
         attack_model: the module the inner maximisation differentiates (default ``model``; pass the
             plain module when ``model`` is a DDP or compiled wrapper).
+        label_smoothing: ``s`` of the outer cross-entropy, as ``F.cross_entropy(..., label_smoothing=s)``;
+            the inner maximisation is never smoothed.
     """
     if method == "free":
         raise ConfigError("method 'free' replays minibatches and updates inside its inner loop; use robustopt.fit for it")
@@ -149,7 +147,9 @@ def robust_loss(
     check_grad_mode("robust_loss")
     check_inputs(x, y, threat, where="robust_loss")
     _check_label_range(model, x, y)
-    obj = make_objective(method, threat, alpha=alpha, beta=beta, steps=steps, step_size=step_size)
+    obj = make_objective(
+        method, threat, alpha=alpha, beta=beta, steps=steps, step_size=step_size, label_smoothing=label_smoothing
+    )
     loss, _ = objective_loss(obj, model, x, y, threat, generator=generator, attack_model=attack_model)
     return loss
 
@@ -180,42 +180,13 @@ def objective_loss(
     attacker = model if attack_model is None else attack_model
     if check:
         check_inputs(x, y, threat, where="robust_loss")
-    if obj.method == "trades":
-        return _trades(obj, model, attacker, x, y, threat, generator)
-    if obj.method == "mart":
-        return _mart(obj, model, attacker, x, y, threat, generator)
     if obj.method in CERTIFIED:  # progress ∈ [0, 1] drives the ε ramp and the κ/β schedules
         from robustopt.certify.training import scheduled_loss
 
         return scheduled_loss(obj.method, model, x, y, threat, progress, sigma=obj.sigma, generator=generator)
-    alpha = 1.0 if obj.method == "standard" else obj.alpha
-    if 0.0 < alpha < 1.0 and obj.steps == 1 and not obj.random_start:
-        return _single_step_mixed(obj, model, x, y, threat, alpha)
-    # The attack runs before any outer forward pass: its BatchNorm-statistics bookkeeping would otherwise
-    # modify tensors that the outer graph saved for backward.
-    x_adv = None
-    if alpha < 1.0:
-        x_adv = perturb(
-            attacker,
-            x,
-            y,
-            threat,
-            steps=obj.steps,
-            step_size=obj.step_size,
-            random_start=obj.random_start,
-            generator=generator,
-            check=False,
-        )
-    loss = x.new_zeros(())
-    logits = None
-    if alpha > 0.0:
-        logits = model(x)
-        loss = loss + alpha * F.cross_entropy(logits.float(), y)
-    if x_adv is not None:
-        logits = model(x_adv)  # accuracy is reported on the perturbed batch
-        loss = loss + (1.0 - alpha) * F.cross_entropy(logits.float(), y)
-    assert logits is not None
-    return loss, logits.detach()
+    if 0.0 < obj.clean_weight < 1.0 and obj.steps == 1 and not obj.random_start and obj.method not in ("trades", "mart"):
+        return _single_step_mixed(obj, model, x, y, threat, obj.clean_weight)
+    return outer_loss(obj, model, x, adversarial_examples(obj, attacker, x, y, threat, generator), y)
 
 
 def _single_step_mixed(
@@ -227,68 +198,14 @@ def _single_step_mixed(
     input only (graph kept), so the perturbation costs a backward pass to the input and no extra
     forward. The same gradient as ``perturb(steps=1)`` from x."""
     x_req = x.detach().requires_grad_(True)
-    per_example = F.cross_entropy(model(x_req).float(), y, reduction="none")
+    clean = model(x_req).float()
+    per_example = F.cross_entropy(clean, y, reduction="none")  # the attack's loss: never smoothed
     (grad,) = torch.autograd.grad(per_example.sum(), x_req, retain_graph=True)
     x_adv = ascend(threat, x.detach(), x.detach(), grad, obj.step_size, iterative=False).detach()
     logits = model(x_adv)
-    loss = alpha * per_example.mean() + (1.0 - alpha) * F.cross_entropy(logits.float(), y)
+    clean_loss = per_example.mean() if obj.label_smoothing == 0 else cross_entropy(obj, clean, y)
+    loss = alpha * clean_loss + (1.0 - alpha) * cross_entropy(obj, logits, y)
     return loss, logits.detach()
-
-
-def kl_per_example(p_logits: Tensor, q_logits: Tensor) -> Tensor:
-    """KL(p ‖ q) = Σ_k p_k (log p_k − log q_k) per example, from logits (B, K) -> (B,)."""
-    log_p = F.log_softmax(p_logits.float(), dim=1)
-    log_q = F.log_softmax(q_logits.float(), dim=1)
-    return (log_p.exp() * (log_p - log_q)).sum(dim=1)
-
-
-def _gaussian_start(x: Tensor, threat: ThreatModel, generator: torch.Generator | None) -> Tensor:
-    """``x + 0.001·N(0, I)`` projected onto ball ∩ box: TRADES' and MART's start."""
-    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    return threat.project(x + TRADES_START * noise, x)
-
-
-def _trades(
-    obj: Objective, model: nn.Module, attacker: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, gen: torch.Generator | None
-) -> tuple[Tensor, Tensor]:
-    """TRADES: ``CE(f(x), y) + β·mean_i KL(p(x_i) ‖ p(x̃_i))``; x̃ ascends the KL to the clean output.
-
-    p(x), the constant target of the inner maximisation, comes from its own forward pass without
-    gradients (BatchNorm statistics restored), so that the attack runs before any outer forward pass."""
-    with preserve_state(attacker), torch.no_grad():
-        target = attacker(x).detach()
-    x_adv = perturb(
-        attacker,
-        x,
-        target,
-        threat,
-        steps=obj.steps,
-        step_size=obj.step_size,
-        loss_fn=lambda logits, target: kl_per_example(target, logits),
-        x_init=_gaussian_start(x, threat, gen),
-        check=False,
-    )
-    clean = model(x)
-    adv = model(x_adv)
-    loss = F.cross_entropy(clean.float(), y) + obj.beta * kl_per_example(clean, adv).mean()
-    return loss, adv.detach()
-
-
-def _mart(
-    obj: Objective, model: nn.Module, attacker: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, gen: torch.Generator | None
-) -> tuple[Tensor, Tensor]:
-    """MART: boosted CE on x̃ plus β·KL(p(x) ‖ p(x̃)) weighted by 1 − p_y(x) (misclassification-aware)."""
-    x_adv = perturb(
-        attacker, x, y, threat, steps=obj.steps, step_size=obj.step_size, x_init=_gaussian_start(x, threat, gen), check=False
-    )
-    clean = model(x)
-    adv = model(x_adv)
-    adv_probs = F.softmax(adv.float(), dim=1)
-    wrong = adv_probs.scatter(1, y[:, None], -1.0).argmax(dim=1)  # most likely wrong class, (B,)
-    boosted = F.cross_entropy(adv.float(), y) + F.nll_loss(torch.log(1.0001 - adv_probs + 1e-12), wrong)
-    true_prob = F.softmax(clean.float(), dim=1).gather(1, y[:, None]).squeeze(1)
-    loss = boosted + obj.beta * (kl_per_example(clean, adv) * (1.0000001 - true_prob)).mean()
-    return loss, adv.detach()
 
 
 # ---------------------------------------------------------------------------- the optimiser step
@@ -351,7 +268,7 @@ def free_step(ctx: StepContext, x: Tensor, y: Tensor) -> tuple[float, Tensor]:
         x_adv = ctx.threat.project(x + delta, x).requires_grad_(True)
         with ctx.autocast():
             logits = ctx.model(x_adv)
-            loss = F.cross_entropy(logits.float(), y)
+            loss = cross_entropy(ctx.objective, logits, y)
         ctx.optimizer.zero_grad(set_to_none=True)
         (ctx.scaler.scale(loss) if ctx.scaler is not None else loss).backward()  # fills the weights' and x_adv's .grad
         grad = x_adv.grad if ctx.scaler is None else x_adv.grad / ctx.scaler.get_scale()

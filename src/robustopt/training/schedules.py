@@ -9,18 +9,27 @@ resumes exactly without saving anything:
 * ``multistep``: ``γ^(number of milestones ≤ epoch)`` (γ = 0.1 unless ``lr_gamma``; Rice et al., TRADES);
 * ``cosine``: ``(1 + cos(π·t/epochs)) / 2``;
 * ``onecycle``: linear from 0 to 1 over the first 40% of training, then linearly to 0 (Wong et al. 2020).
+
+The ε ramp (``eps_ramp_epochs = E``) is the certified methods' schedule,
+:class:`robustopt.certify.training.Ramp`, started at 0 and ended at ``E / epochs`` of training, on the
+same progress value ``t / epochs``: the step at progress p trains at ``ε·r(p)`` with inner step size
+``α·r(p)``, ``r(p) = min(1, p·epochs / E)``, so the first step is clean and ε is reached after E epochs
+(Gowal et al. 2018's warm-up, used by Gowal et al. 2020 and Rebuffi et al. 2021).
 """
 
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import math
 
 import torch
 from torch import nn
 
+from robustopt.certify.training import Ramp
 from robustopt.errors import ConfigError
 from robustopt.training.config import TrainConfig
+from robustopt.training.objectives import StepContext
 
 
 def lr_factor(cfg: TrainConfig, epoch: int, it: int, iters: int) -> float:
@@ -77,3 +86,24 @@ def set_scheduled_lr(optimizer: torch.optim.Optimizer, base_lrs: list[float], fa
     scheduled lr of the moment it was saved, which must not become the new base."""
     for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
         group["lr"] = base * factor
+
+
+def eps_factor(cfg: TrainConfig, progress: float) -> float:
+    """The ε ramp's factor r(progress) ∈ [0, 1]; 1 without a ramp."""
+    if cfg.eps_ramp_epochs <= 0:
+        return 1.0
+    return Ramp(start=0.0, end=cfg.eps_ramp_epochs / cfg.epochs)(progress)
+
+
+def ramped(ctx: StepContext, factor: float) -> StepContext:
+    """The step context at ``factor``·ε and ``factor``·(inner step size); ``ctx`` itself at 1.
+
+    At factor 0 the threat set is the clean point itself (ε = 0) and the step size, moot there, is left as it
+    is (an attack refuses a zero step). The copy shares the weights, optimiser, generator and carried state:
+    only the threat radius and the step size differ; the full threat stays the one of evaluation and checkpoints."""
+    if factor >= 1.0:
+        return ctx
+    threat = dataclasses.replace(ctx.threat, eps=ctx.threat.eps * factor)
+    step_size = ctx.objective.step_size * factor if factor > 0 else ctx.objective.step_size  # at ε = 0 any step is moot
+    objective = dataclasses.replace(ctx.objective, step_size=step_size)
+    return dataclasses.replace(ctx, threat=threat, objective=objective)

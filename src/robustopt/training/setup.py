@@ -29,6 +29,9 @@ from robustopt.training import distributed as dist
 from robustopt.training.batches import Source, TrainData, as_source, check_source, probe_num_classes
 from robustopt.training.checkpoint import Progress
 from robustopt.training.config import TrainConfig, make_config
+from robustopt.training.ema import WeightAverage
+from robustopt.training.extra import fingerprint as extra_fingerprint
+from robustopt.training.extra import load_extra
 from robustopt.training.monitor import Board, Log
 from robustopt.training.objectives import StepContext, make_objective
 from robustopt.training.schedules import build_optimizer, check_optimizer
@@ -59,10 +62,17 @@ class Run:
     log: Log = print
     bar: bool = False
     board: Board | None = None
+    extra: Source | None = None  # --extra-data, mixed into every minibatch
+    ema: WeightAverage | None = None  # --ema-decay: the weight average, the model of record
 
     @property
     def augment(self) -> bool:
         return bool(self.cfg.augment)
+
+    @property
+    def record(self) -> nn.Module:
+        """The model the run saves and evaluates: the weight average when there is one, else the raw model."""
+        return self.model if self.ema is None else self.ema.module
 
 
 def resolve_config(
@@ -138,6 +148,9 @@ def prepare(
     run_meta = metadata(cfg, meta, threat, k, input_shape, dev, info, fp)
     keys = {**cfg.training_keys(), "data_fingerprint": fp}
     run = Run(cfg, out, info, dev, model, None, train_src, test_src, held, run_meta, keys)  # type: ignore[arg-type]
+    if cfg.extra_data is not None:
+        run.extra = load_extra(cfg.extra_data, input_shape, k, domain)
+        keys["extra_data_fingerprint"] = run_meta["train"]["extra_data_fingerprint"] = extra_fingerprint(run.extra)
     return run, domain
 
 
@@ -227,7 +240,8 @@ def context_for(
     """The step context of ``cfg``: its objective, AMP mode and options, wired to the given modules."""
     step_size = cfg.step_size if cfg.step_size is not None else (threat.eps if cfg.method == "free" else None)
     objective = make_objective(
-        cfg.method, threat, alpha=cfg.alpha, beta=cfg.beta, steps=cfg.steps, step_size=step_size, sigma=cfg.sigma
+        cfg.method, threat, alpha=cfg.alpha, beta=cfg.beta, steps=cfg.steps, step_size=step_size, sigma=cfg.sigma,
+        label_smoothing=cfg.label_smoothing,
     )
     amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]
     device_type = next(model.parameters()).device.type
