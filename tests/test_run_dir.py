@@ -139,7 +139,7 @@ SIGNALS = {  # signal: (exit code 128 + signum, how the line starts)
 def test_a_signal_through_typer_says_how_to_continue(sig: signal.Signals, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     """SIGINT (Ctrl-C) or SIGTERM (kill, a scheduler's time limit) while a command runs, typer in between:
     exit 128 + signum and the --resume hint, not typer's silent 130 or a silent death."""
-    import robustopt.training.loop as loop
+    import robustopt.training.named as named
 
     before = signal.getsignal(sig)
 
@@ -148,7 +148,7 @@ def test_a_signal_through_typer_says_how_to_continue(sig: signal.Signals, monkey
         time.sleep(5)  # the handler raises before this ends
         raise AssertionError(f"{sig.name} was not delivered")
 
-    monkeypatch.setattr(loop, "train", interrupted_train)
+    monkeypatch.setattr(named, "train", interrupted_train)
     code, err = run_main(TRAIN, capsys)
     want_code, start = SIGNALS[sig]
     assert code == want_code

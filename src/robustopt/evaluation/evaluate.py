@@ -180,7 +180,7 @@ def evaluate(
     words failed checks use. Works inside ``torch.no_grad()``; ``torch.inference_mode()`` is refused.
     """
     t0 = time.time()
-    _check_call(model, x, y, threat, batch_size, restarts, steps)
+    _check_call(model, x, y, threat, batch_size, restarts, steps, seed)
     mode = _sanity_mode(sanity)
     log = log or _stderr
     dev = torch.device(device) if device is not None else next(iter(model.parameters()), torch.empty(0)).device
@@ -205,7 +205,9 @@ def evaluate(
 
 
 def _check_call(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, batch_size: int, restarts: int,
-                steps: int | None) -> None:  # fmt: skip
+                steps: int | None, seed: int) -> None:  # fmt: skip
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
+        raise ConfigError(f"evaluate: seed must be a whole number in 0 .. 2**31 - 1, got {seed!r}")
     if torch.is_inference_mode_enabled():
         raise ConfigError("evaluate cannot attack inside torch.inference_mode() (no gradients exist there); call it outside, "
                           "torch.no_grad() is fine")  # fmt: skip

@@ -183,9 +183,10 @@ def first_line(run: Run) -> str:
 def _open(run: Run, rd: RunDir, *, resume: bool, overwrite: bool) -> None:
     """After every check has passed, holding the run's lock: replace, resume or start the run directory."""
     do_resume = rd.open(run.keys, resume=resume, overwrite=overwrite)
-    if run.info.is_main:
+    resumed = do_resume and (run.out / CHECKPOINT).exists()
+    if run.info.is_main and not resumed:
         run.log(first_line(run))
-    if do_resume and (run.out / CHECKPOINT).exists():
+    if resumed:  # the first line after the checkpoint loaded: a checkpoint that cannot be used is the run's only line
         iters = num_batches(len(run.train), labelled_batch_size(run.cfg), run.info)
         run.prog, run.ctx.state, _ = load_checkpoint(
             run.out / CHECKPOINT, run.model, run.ctx.optimizer, run.ctx.generator, run.device, epochs=run.cfg.epochs,
@@ -194,6 +195,8 @@ def _open(run: Run, rd: RunDir, *, resume: bool, overwrite: bool) -> None:
         _replay_scheduler(run)
         if run.ema is not None:
             run.ema.load(run.ctx.state, int(run.prog.extra.get("ema_updates", 0)))
+        if run.info.is_main:
+            run.log(first_line(run))
         run.log(f"resuming {run.out} at epoch {run.prog.epoch + 1}, batch {run.prog.batch}")
     rd.write_json(CONFIG, run.meta)
 
