@@ -18,7 +18,7 @@ from robustopt.threat.model import ThreatModel
 from robustopt.threat.perturb import perturb
 from robustopt.training.config import TrainConfig
 from robustopt.training.objectives import make_objective
-from robustopt.training.schedules import learning_rate
+from robustopt.training.schedules import lr_factor
 
 
 def fgsm_accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> float:
@@ -85,9 +85,9 @@ def test_method_defaults() -> None:
 
 def test_learning_rate_schedules() -> None:
     step = TrainConfig(schedule="step", lr=1.0, lr_step=25, epochs=100)
-    assert [learning_rate(step, e, 0, 10) for e in (0, 24, 25, 50)] == [1.0, 1.0, 0.5, 0.25]
+    assert [step.lr * lr_factor(step, e, 0, 10) for e in (0, 24, 25, 50)] == [1.0, 1.0, 0.5, 0.25]
     cyc = TrainConfig(schedule="onecycle", lr=0.2, epochs=10)
-    lrs = [learning_rate(cyc, e, 0, 10) for e in range(10)]
+    lrs = [cyc.lr * lr_factor(cyc, e, 0, 10) for e in range(10)]
     assert lrs[0] == 0 and max(lrs) == pytest.approx(0.2) and lrs[-1] < lrs[5]
 
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from robustopt.data.datasets import load_dataset, to_float
+from robustopt.data.validation import check_class_count
 from robustopt.devices import pick_device
 from robustopt.errors import CheckpointError, ConfigError, RunDirError
 from robustopt.files import read_json
@@ -57,8 +58,11 @@ def load_run(run_dir: str | Path, device: str | None, subset: int | None, data_d
     if not isinstance(cfg, dict) or not isinstance(cfg.get("dataset", "mnist"), str):
         raise RunDirError(f"{d / CONFIG} is not a robustopt run configuration")
     model = load_model(d, dev, trust_code=trust_code)
-    x, y = test_slice(load_dataset(cfg.get("dataset", "mnist"), data_dir), subset)
+    data = load_dataset(cfg.get("dataset", "mnist"), data_dir)
     k = cfg.get("num_classes")
+    if isinstance(k, int):
+        check_class_count(data.num_classes, k, where=str(cfg.get("dataset")))
+    x, y = test_slice(data, subset)
     return Loaded(model, x, y, dev, cfg.get("dataset", "mnist"), k if isinstance(k, int) else None, cfg)
 
 

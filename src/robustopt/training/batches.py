@@ -27,6 +27,7 @@ from robustopt.data.datasets import to_float
 from robustopt.data.validation import example_pair
 from robustopt.errors import DataError
 from robustopt.threat.model import ThreatModel
+from robustopt.threat.perturb import preserve_state
 from robustopt.training.distributed import DistInfo
 
 Tensor = torch.Tensor
@@ -170,15 +171,12 @@ def check_source(source: Source, threat: ThreatModel, num_classes: int, what: st
 def probe_num_classes(model: nn.Module, source: Source, device: torch.device, expected: int | None) -> int:
     """Run the model on two examples: its logit count, checked against the data's class count."""
     xb, _ = source.take(torch.arange(min(2, len(source))))
-    was = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), preserve_state(model):
+            model.eval()
             out = model(to_float(xb).to(device))
     except Exception as e:  # noqa: BLE001 - any failure here is the model rejecting the data's shape
         raise DataError(f"the model cannot take inputs of shape {tuple(xb.shape[1:])}: {type(e).__name__}: {e}") from None
-    finally:
-        model.train(was)
     if not torch.is_tensor(out) or out.dim() != 2 or out.shape[0] != len(xb):
         shape = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
         raise DataError(f"the model must return logits of shape (batch, classes); it returned {shape}")

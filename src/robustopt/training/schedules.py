@@ -46,11 +46,6 @@ def lr_factor(cfg: TrainConfig, epoch: int, it: int, iters: int) -> float:
     return 1.0
 
 
-def learning_rate(cfg: TrainConfig, epoch: int, it: int, iters: int) -> float:
-    """The lr of a single-group optimiser built from ``cfg``."""
-    return cfg.lr * lr_factor(cfg, epoch, it, iters)
-
-
 def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     """SGD (momentum, Nesterov), Adam (L2 weight decay) or AdamW (decoupled) over the trainable weights."""
     params = [p for p in model.parameters() if p.requires_grad]
