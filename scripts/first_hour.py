@@ -61,13 +61,13 @@ def tabular(out: Path) -> list[str]:
 def colour(out: Path) -> list[str]:
     g = torch.Generator().manual_seed(1)
     y = torch.arange(1500) % 3
-    x = torch.rand(1500, 3, 16, 12, generator=g) * 0.5
+    x = torch.rand(1500, 3, 16, 12, generator=g) * 0.8
     for c in range(3):
-        x[y == c, c] += 0.4  # the class is the dominant colour channel
+        x[y == c, c, 4:12, 3:9] += 0.2  # the class is a colour patch in the middle (inputs stay in [0, 1])
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8 * 8 * 6, 3))
-    threat = ThreatModel("linf", 0.03)
-    fit(model, (x[:1200], y[:1200]), threat, out=out / "colour", overwrite=True, epochs=3, batch_size=50, lr=0.05,
+    threat = ThreatModel("linf", 0.05)
+    fit(model, (x[:1200], y[:1200]), threat, out=out / "colour", overwrite=True, epochs=8, batch_size=50, lr=0.02,
         method="pgd", steps=3, test_data=(x[1200:], y[1200:]), log=lambda s: None)  # fmt: skip
     model = load_model(out / "colour", model=model)
     return _every_attack("colour CNN 3x16x12, 3 classes", model, x[1200:1400], y[1200:1400], threat)
