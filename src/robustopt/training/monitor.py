@@ -15,11 +15,11 @@ from robustopt.errors import ConfigError
 Log = Callable[[str], None]
 
 
-def want_bar(progress_bar: bool | None, is_main: bool) -> bool:
+def want_bar(progress: bool | None, is_main: bool) -> bool:
     """A bar when asked, or by default only when stderr is a terminal (a log file gets no carriage returns)."""
     if not is_main:
         return False
-    return sys.stderr.isatty() if progress_bar is None else bool(progress_bar)
+    return sys.stderr.isatty() if progress is None else bool(progress)
 
 
 def make_bar(enabled: bool, total: int, initial: int, epoch: int, epochs: int) -> tqdm:
