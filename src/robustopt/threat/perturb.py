@@ -168,12 +168,29 @@ def input_gradient(model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn = cro
     Shapes: x (B, ...), y (B,) -> grad (B, ...), logits (B, K). Gradients are on inside, so
     this works under ``torch.no_grad()``.
     """
+    grad, logits, _ = evaluate(model, x, y, loss_fn)
+    assert grad is not None
+    return grad, logits
+
+
+def evaluate(
+    model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn = cross_entropy, *, gradient: bool = True
+) -> tuple[Tensor | None, Tensor, Tensor]:
+    """One forward pass at x, and the input gradient from that same pass: (∇ₓ Σ_i J(x_i, y_i) or None, logits, J (B,)).
+
+    An attack reads the loss and prediction of an iterate from the forward pass that gives its gradient, so
+    an iterate costs one forward and one input-gradient backward, never an extra forward. ``gradient=False``
+    (the last iterate of an attack, whose gradient nobody uses) runs the forward only, without autograd."""
+    if not gradient:
+        with torch.no_grad():
+            logits = model(x)
+            return None, logits, loss_fn(logits, y).detach()
     with torch.enable_grad():
         x = x.detach().requires_grad_(True)
         logits = model(x)
-        loss = loss_fn(logits, y).sum()
-        (grad,) = torch.autograd.grad(loss, x)
-    return grad, logits.detach()
+        loss = loss_fn(logits, y)
+        (grad,) = torch.autograd.grad(loss.sum(), x)
+    return grad, logits.detach(), loss.detach()
 
 
 class WorstCase:
@@ -257,15 +274,14 @@ def perturb(
     x = x.detach()
     x_adv = _start(threat, x, x_init, random_start, generator, radius)
     with attack_state(model):
-        for _ in range(steps):
-            grad, logits = input_gradient(model, x_adv, y, loss_fn)
+        for _ in range(steps):  # floor: one forward + one input-gradient backward per step (+ one forward with a tracker)
+            grad, logits, loss = evaluate(model, x_adv, y, loss_fn)
             if tracker is not None:
-                tracker.update(x_adv, loss_fn(logits, y), logits.argmax(1) != y)
+                tracker.update(x_adv, loss, logits.argmax(1) != y)
             x_adv = ascend(threat, x_adv, x, grad, alpha, iterative=steps > 1, radius=radius)
         if tracker is not None:
-            with torch.no_grad():
-                logits = model(x_adv)
-            tracker.update(x_adv, loss_fn(logits, y), logits.argmax(1) != y)
+            _, logits, loss = evaluate(model, x_adv, y, loss_fn, gradient=False)
+            tracker.update(x_adv, loss, logits.argmax(1) != y)
     return x_adv.detach()
 
 

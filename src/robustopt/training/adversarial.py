@@ -75,11 +75,7 @@ def adversarial_examples(
     if obj.method == "trades":
         with preserve_state(attacker), torch.no_grad():
             target = attacker(x).detach()
-        return perturb(
-            attacker, x, target, threat, steps=obj.steps, step_size=obj.step_size,
-            loss_fn=lambda logits, target: kl_per_example(target, logits), x_init=gaussian_start(x, threat, generator),
-            check=False,
-        ).detach()  # fmt: skip
+        return trades_examples(obj, attacker, x, target, threat, generator)
     if obj.method == "mart":
         x_init = gaussian_start(x, threat, generator)
         return perturb(attacker, x, y, threat, steps=obj.steps, step_size=obj.step_size, x_init=x_init, check=False).detach()
@@ -91,11 +87,49 @@ def adversarial_examples(
     ).detach()  # fmt: skip
 
 
-def outer_loss(obj: Objective, model: nn.Module, x: Tensor, x_adv: Tensor | None, y: Tensor) -> tuple[Tensor, Tensor]:
-    """(scalar loss, detached logits of the batch the accuracy is reported on: x̃ when there is one)."""
+def trades_examples(
+    obj: Objective, attacker: nn.Module, x: Tensor, target: Tensor, threat: ThreatModel, generator: torch.Generator | None
+) -> Tensor:
+    """TRADES' x̃: ascend KL(p(x) ‖ p(x̃)) from ``x + 0.001·N(0, I)``, ``target`` the clean logits (B, K), detached."""
+    return perturb(
+        attacker, x, target, threat, steps=obj.steps, step_size=obj.step_size,
+        loss_fn=lambda logits, target: kl_per_example(target, logits), x_init=gaussian_start(x, threat, generator),
+        check=False,
+    ).detach()  # fmt: skip
+
+
+def stateless(model: nn.Module) -> bool:
+    """True when a forward pass in the model's current mode changes nothing and draws no random numbers that
+    robustopt can see: no BatchNorm, and no dropout in train mode. Then a clean forward can be shared."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            return False
+        if isinstance(m, (nn.modules.dropout._DropoutNd, nn.AlphaDropout)) and m.training and m.p > 0:
+            return False
+    return True
+
+
+def trades_shared(
+    obj: Objective, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, generator: torch.Generator | None
+) -> tuple[Tensor, Tensor]:
+    """TRADES with one clean forward, not two: the outer loss's clean logits are also the attack's target.
+
+    Only for a :func:`stateless` model that is its own attacker (no DDP or compiled wrapper): there the no-grad
+    target forward of :func:`adversarial_examples` returns exactly these logits, so the result is the same."""
+    clean = model(x)
+    x_adv = trades_examples(obj, model, x, clean.detach(), threat, generator)
+    return outer_loss(obj, model, x, x_adv, y, clean=clean)
+
+
+def outer_loss(
+    obj: Objective, model: nn.Module, x: Tensor, x_adv: Tensor | None, y: Tensor, clean: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """(scalar loss, detached logits of the batch the accuracy is reported on: x̃ when there is one).
+
+    ``clean``: the logits of x from a forward pass with gradients, when the caller already has them (TRADES)."""
     if obj.method in ("trades", "mart"):
         assert x_adv is not None
-        clean, adv = model(x), model(x_adv)
+        clean, adv = model(x) if clean is None else clean, model(x_adv)
         if obj.method == "trades":
             return cross_entropy(obj, clean, y) + obj.beta * kl_per_example(clean, adv).mean(), adv.detach()
         adv_probs = F.softmax(adv.float(), dim=1)

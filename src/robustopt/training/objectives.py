@@ -48,7 +48,15 @@ from robustopt.threat.perturb import (
     check_threat,
     preserve_state,
 )
-from robustopt.training.adversarial import Objective, adversarial_examples, cross_entropy, kl_per_example, outer_loss
+from robustopt.training.adversarial import (
+    Objective,
+    adversarial_examples,
+    cross_entropy,
+    kl_per_example,
+    outer_loss,
+    stateless,
+    trades_shared,
+)
 
 __all__ = ["METHODS", "Objective", "StepContext", "kl_per_example", "make_objective", "objective_loss", "robust_loss",
            "train_step"]  # fmt: skip
@@ -186,6 +194,8 @@ def objective_loss(
         return scheduled_loss(obj.method, model, x, y, threat, progress, sigma=obj.sigma, generator=generator)
     if 0.0 < obj.clean_weight < 1.0 and obj.steps == 1 and not obj.random_start and obj.method not in ("trades", "mart"):
         return _single_step_mixed(obj, model, x, y, threat, obj.clean_weight)
+    if obj.method == "trades" and model is attacker and stateless(model):
+        return trades_shared(obj, model, x, y, threat, generator)
     return outer_loss(obj, model, x, adversarial_examples(obj, attacker, x, y, threat, generator), y)
 
 

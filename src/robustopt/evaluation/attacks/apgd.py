@@ -25,7 +25,7 @@ from torch import nn
 from robustopt.evaluation.attacks._common import over_targets, target_classes
 from robustopt.evaluation.attacks.losses import get_loss, targeted_dlr
 from robustopt.threat.model import ThreatModel
-from robustopt.threat.perturb import LossFn, WorstCase, attack_state, input_gradient
+from robustopt.threat.perturb import LossFn, WorstCase, attack_state, evaluate
 
 Tensor = torch.Tensor
 MOMENTUM, RHO = 0.75, 0.75
@@ -47,32 +47,38 @@ def _step(threat: ThreatModel, x: Tensor, x_k: Tensor, x_prev: Tensor, grad: Ten
 
 
 def _apgd_run(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, eps: Tensor, steps: int, loss_fn: LossFn, gen):
-    """One APGD trajectory with per-example step sizes η (B,); its worst case over all iterates."""
+    """One APGD trajectory with per-example step sizes η (B,); its worst case over all iterates.
+
+    At the floor: ``steps`` input-gradient passes and ``steps + 1`` forwards. Each iterate's loss and prediction
+    come from the forward that gives its gradient; the last iterate gets a forward only (its gradient would
+    never be used); a restart from the best point reuses the gradient stored with that point (``g_max``) as
+    the reference implementation does, rather than recomputing it."""
     x_k = threat.random_init(x, gen, eps)
-    grad, logits = input_gradient(model, x_k, y, loss_fn)
-    loss = loss_fn(logits, y)
+    grad, logits, loss = evaluate(model, x_k, y, loss_fn)
     best = WorstCase(x_k)
     best.update(x_k, loss, logits.argmax(1) != y)
-    x_max, f_max, x_prev, eta = x_k.clone(), loss.clone(), x_k.clone(), 2 * eps
+    x_max, f_max, g_max, x_prev, eta = x_k.clone(), loss.clone(), grad.clone(), x_k.clone(), 2 * eps
     eta_at_ckpt, fmax_at_ckpt = eta.clone(), f_max.clone()
     ups = torch.zeros_like(loss)
     ckpts, last = checkpoints(steps), 0
     for k in range(steps):
         x_new = _step(threat, x, x_k, x_prev, grad, eta, eps, 1.0 if k == 0 else MOMENTUM)
-        grad, logits = input_gradient(model, x_new, y, loss_fn)
-        new_loss = loss_fn(logits, y)
+        grad, logits, new_loss = evaluate(model, x_new, y, loss_fn, gradient=k + 1 < steps)
         best.update(x_new, new_loss, logits.argmax(1) != y)
         ups += (new_loss > loss).float()
         improved = new_loss > f_max
         x_max[improved], f_max = x_new[improved], torch.where(improved, new_loss, f_max)
+        if grad is not None:
+            g_max[improved] = grad[improved]
         x_prev, x_k, loss = x_k, x_new, new_loss
         if k + 1 in ckpts:
             stalled = (ups < RHO * (k + 1 - last)) | ((eta == eta_at_ckpt) & (f_max == fmax_at_ckpt))
             eta_at_ckpt, fmax_at_ckpt = eta.clone(), f_max.clone()
             eta = torch.where(stalled, eta / 2, eta)
-            if stalled.any():  # restart the halved examples from their best point
+            if stalled.any():  # restart the halved examples from their best point, with its gradient
                 x_k[stalled] = x_max[stalled]
-                grad = input_gradient(model, x_k, y, loss_fn)[0]  # full batch: loss_fn may hold per-example targets
+                if grad is not None:
+                    grad[stalled] = g_max[stalled]
                 loss = torch.where(stalled, f_max, loss)
             ups.zero_()
             last = k + 1
