@@ -12,7 +12,14 @@ from robustopt.models.zoo import InputConv2d, build_model
 
 @pytest.mark.parametrize(
     ("name", "shape"),
-    [("paper-mnist", (1, 28, 28)), ("paper-cifar", (3, 32, 32)), ("resnet18", (3, 32, 32)), ("mlp", (1, 28, 28))],
+    [
+        ("paper-mnist", (1, 28, 28)),
+        ("paper-cifar", (3, 32, 32)),
+        ("resnet18", (3, 32, 32)),
+        ("mlp", (1, 28, 28)),
+        ("ibp-cnn", (1, 28, 28)),
+        ("ibp-cnn", (3, 32, 30)),
+    ],
 )
 def test_models_map_unit_inputs_to_logits(name: str, shape: tuple[int, int, int]) -> None:
     model = build_model(name, mean=[0.5] * shape[0], std=[0.25] * shape[0], num_classes=10, input_shape=shape).eval()

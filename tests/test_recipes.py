@@ -15,7 +15,8 @@ from robustopt.errors import ConfigError
 from robustopt.recipes import list_recipes, load_recipe, resolve
 
 ROOT = Path(__file__).resolve().parents[1]
-NAMES = {"mnist-linf-0.3", "mnist-linf-0.3-strong", "cifar10-fast-preact18", "cifar10-pgd-preact18", "cifar10-trades-wrn34"}
+NAMES = {"mnist-linf-0.3", "mnist-linf-0.3-strong", "mnist-linf-0.3-certified"}
+NAMES |= {"cifar10-fast-preact18", "cifar10-pgd-preact18", "cifar10-trades-wrn34"}
 
 
 def run_cli(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:

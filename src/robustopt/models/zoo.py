@@ -14,6 +14,9 @@ every input shape its architecture allows:
 * ``wrn-D-W`` (``wrn-28-10``, ``wrn-34-10``, …): WideResNet, see :mod:`robustopt.models.wrn`. Images of any size.
 * ``small-cnn``: the TRADES MNIST net (Zhang et al. 2019): four conv3×3 layers and two FC 200 layers. 28×28 images.
 * ``mlp``: a small two-layer perceptron on flattened inputs: images or flat feature vectors (D,).
+* ``ibp-cnn``: a net for certified (IBP) training, no max-pooling: conv4×4·32 stride 2, ReLU, conv4×4·64 stride 2,
+  ReLU, FC 256, ReLU, FC K (the shape of Gowal et al.'s / CROWN-IBP's small MNIST nets, wider). It is
+  ``Normalized(nn.Sequential(...))``, so every certify method bounds it. Images (C, H, W) with H, W ≥ 4.
 """
 
 from __future__ import annotations
@@ -224,6 +227,16 @@ def _mlp(mean: Sequence[float], std: Sequence[float], num_classes: int, shape: t
     return MLP(mean, std, num_classes, in_features=math.prod(shape))
 
 
+def _ibp_cnn(mean: Sequence[float], std: Sequence[float], num_classes: int, shape: tuple[int, ...]) -> nn.Module:
+    """``ibp-cnn``: conv4×4·32 s2 p1, ReLU, conv4×4·64 s2 p1, ReLU, FC 256, ReLU, FC K, normalised inside."""
+    h, w = shape[1] // 2 // 2, shape[2] // 2 // 2  # each stride-2 4×4 conv with padding 1 halves a side (rounding down)
+    net = nn.Sequential(
+        nn.Conv2d(shape[0], 32, 4, stride=2, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 4, stride=2, padding=1), nn.ReLU(),
+        nn.Flatten(), nn.Linear(64 * h * w, 256), nn.ReLU(), nn.Linear(256, num_classes),
+    )  # fmt: skip
+    return Normalized(net, mean, std)
+
+
 def _wrn(depth: int, width: int) -> ModelFactory:
     return lambda mean, std, k, shape: WideResNet(mean, std, depth=depth, width=width, num_classes=k, in_channels=shape[0])
 
@@ -239,10 +252,16 @@ MODELS: dict[str, ModelFactory] = {
     "wrn-28-10": _wrn(28, 10),
     "wrn-34-10": _wrn(34, 10),
     "mlp": _mlp,
+    "ibp-cnn": _ibp_cnn,
 }
 
 # Image side lengths each convolutional architecture accepts: (smallest, largest); None: no bound.
-_SIDES: dict[str, tuple[int | None, int | None]] = {"paper-mnist": (None, 32), "paper-cifar": (32, None), "small-cnn": (28, 28)}
+_SIDES: dict[str, tuple[int | None, int | None]] = {
+    "paper-mnist": (None, 32),
+    "paper-cifar": (32, None),
+    "small-cnn": (28, 28),
+    "ibp-cnn": (4, None),
+}
 
 
 def resolve_model(name: str) -> ModelFactory:
