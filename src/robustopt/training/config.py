@@ -64,7 +64,10 @@ class TrainConfig:
     data: str | None = _opt(
         None, "Your own data: an .npz (x_train, y_train, x_test, y_test) or an image folder; replaces --dataset"
     )
-    model: str = _opt("paper-mnist", "Built-in net (paper-mnist, paper-cifar, resnet18, mlp, wrn-D-W) or package.module:factory")
+    model: str = _opt(
+        "paper-mnist",
+        "Built-in net (paper-mnist, paper-cifar, small-cnn, ibp-cnn, resnet18, mlp, wrn-D-W) or package.module:factory",
+    )
     model_kwargs: dict[str, Any] = _opt({}, "Keyword arguments for a package.module:factory model, as JSON", json=True)
     method: str = _opt("robust", f"Training objective: {' | '.join(METHODS)}")
     norm: str | None = _opt(None, "Threat model norm: linf | l2 | l1 [default: linf]")
