@@ -131,10 +131,12 @@ def _reference_pgd(model, x, y, threat, steps, alpha, starts):
     return best.x
 
 
+@pytest.mark.parametrize("model_name", ["paper-mnist", "small-cnn", "mlp"])
 @pytest.mark.parametrize("threat", THREATS, ids=lambda t: t.norm)
-def test_pgd_bit_identical_to_plain_loop(net, batch, threat):
+def test_pgd_bit_identical_to_plain_loop(batch, threat, model_name):
     x, y = batch
-    model = net.net
+    torch.manual_seed(0)
+    model = build_model(model_name, mean=[0.1307], std=[0.3081], num_classes=10, input_shape=(1, 28, 28)).eval()
     g = torch.Generator().manual_seed(3)
     starts = [threat.random_init(x, g, threat.radii(x)), threat.random_init(x, g, threat.radii(x))]
     ref = _reference_pgd(model, x, y, threat, 6, 2.5 / 6, starts)
