@@ -35,9 +35,9 @@ from tqdm import tqdm
 
 from robustopt.errors import ConfigError, DataError, RobustoptError
 from robustopt.evaluation import sanity as sanity_checks
-from robustopt.evaluation.attacks import check_attack, run_attack
+from robustopt.evaluation.attacks import attack_options, check_attack, run_attack
 from robustopt.evaluation.attacks._common import predict
-from robustopt.evaluation.attacks._registry import accepts_any, name_of
+from robustopt.evaluation.attacks._registry import accepts_any, name_of, options_of
 from robustopt.evaluation.eot import ExpectedLogits
 from robustopt.evaluation.partial import check_partial_path, load_partial, save_partial
 from robustopt.evaluation.sanity import FULL, CheckPlan, light_plan
@@ -272,9 +272,6 @@ def _attack_fn(attack: str | AttackFn, steps: int | None, restarts: int, options
 
 
 def _options(attack: str | AttackFn) -> dict[str, Any]:
-    from robustopt.evaluation.attacks import attack_options
-    from robustopt.evaluation.attacks._registry import options_of
-
     return dict(attack_options(attack) if isinstance(attack, str) else options_of(attack))
 
 

@@ -23,9 +23,9 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from robustopt.data.datasets import to_float
+from robustopt.data.fingerprint import data_fingerprint
 from robustopt.data.validation import check_data_bytes, input_tensor, user_layout
 from robustopt.errors import DataError
-from robustopt.tensors import content_hash
 from robustopt.threat.model import ThreatModel
 from robustopt.training.batches import Source, check_examples
 from robustopt.training.config import TrainConfig
@@ -73,7 +73,7 @@ def load_extra(path: str, input_shape: tuple[int, ...], num_classes: int, domain
 
 def fingerprint(source: Source) -> str:
     """sha256 of the extra examples and labels, so ``--resume`` refuses changed extra data."""
-    return content_hash({"x": source.x, "y": source.y})  # type: ignore[dict-item]
+    return str(data_fingerprint((source.x, source.y))["sha256"])
 
 
 def extra_batches(
