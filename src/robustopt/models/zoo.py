@@ -30,6 +30,7 @@ from torch import nn
 
 from robustopt.errors import ConfigError
 from robustopt.models.normalize import Normalize
+from robustopt.models.pool import MaxPool2d
 from robustopt.models.wrn import WideResNet
 from robustopt.models.wrn import parse_name as parse_wrn_name
 
@@ -96,10 +97,10 @@ class PaperMNIST(nn.Module):
         # On CPU that cuts the first block's forward + backward by ~40%. Parameter indices are unchanged.
         self.features = nn.Sequential(
             InputConv2d(in_channels, 32, 5),
-            nn.MaxPool2d(3, 3),  # 32 -> 28 -> 9
+            MaxPool2d(3, 3),  # 32 -> 28 -> 9
             nn.ReLU(),
             nn.Conv2d(32, 64, 5),
-            nn.MaxPool2d(2, 2),  # 9 -> 5 -> 2
+            MaxPool2d(2, 2),  # 9 -> 5 -> 2
             nn.ReLU(),
         )
         self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(64 * 2 * 2, 200), nn.ReLU(), nn.Linear(200, num_classes))
@@ -124,7 +125,7 @@ class PaperCIFAR(nn.Module):
         c = in_channels
         for i, v in enumerate(_VGG_CFG):
             if v == "M":
-                layers.append(nn.MaxPool2d(2, 2))
+                layers.append(MaxPool2d(2, 2))
                 continue
             layers += [nn.Conv2d(c, int(v), 3, padding=1, bias=False), nn.BatchNorm2d(int(v)), nn.ReLU(inplace=True)]
             # Dropout between the convs of a block: 0.3 after a block's first conv, 0.4 after the others.
@@ -197,8 +198,8 @@ class SmallCNN(nn.Module):
         super().__init__()
         self.normalize = Normalize(mean, std)
         self.features = nn.Sequential(
-            InputConv2d(in_channels, 32, 3), nn.ReLU(), nn.Conv2d(32, 32, 3), nn.ReLU(), nn.MaxPool2d(2, 2),  # 28→26→24→12
-            nn.Conv2d(32, 64, 3), nn.ReLU(), nn.Conv2d(64, 64, 3), nn.ReLU(), nn.MaxPool2d(2, 2),  # 12→10→8→4
+            InputConv2d(in_channels, 32, 3), nn.ReLU(), nn.Conv2d(32, 32, 3), nn.ReLU(), MaxPool2d(2, 2),  # 28→26→24→12
+            nn.Conv2d(32, 64, 3), nn.ReLU(), nn.Conv2d(64, 64, 3), nn.ReLU(), MaxPool2d(2, 2),  # 12→10→8→4
         )  # fmt: skip
         self.classifier = nn.Sequential(
             nn.Flatten(), nn.Linear(64 * 4 * 4, 200), nn.ReLU(), nn.Dropout(0.5), nn.Linear(200, 200), nn.ReLU(),
