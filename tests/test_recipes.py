@@ -33,6 +33,7 @@ def test_every_recipe_validates_and_names_its_paper_anchor_and_device() -> None:
         assert r.paper != "?" and "arXiv" in r.paper, r
         assert "%" in r.anchor and ("AutoAttack" in r.anchor or "PGD" in r.anchor), r
         assert "GPU" in r.device or "CPU" in r.device, r
+        assert r.measured != "not run by this project" or "cifar10" in r.name, r  # every MNIST recipe was run here
         cfg = load_recipe(r.name)  # every key is a TrainConfig key and every value validates
         assert cfg.norm == "linf" and cfg.method != "standard"
     wong, rice, trades = (load_recipe(n) for n in ("cifar10-fast-preact18", "cifar10-pgd-preact18", "cifar10-trades-wrn34"))
@@ -55,7 +56,7 @@ def test_recipes_command_lists_and_shows(capsys: pytest.CaptureFixture) -> None:
     code, out, _ = run_cli(["recipes"], capsys)
     assert code == 0
     for r in list_recipes():
-        assert r.name in out and r.anchor in out and r.device in out
+        assert r.name in out and r.anchor in out and r.device in out and r.measured in out
     code, out, _ = run_cli(["recipes", "cifar10-trades-wrn34", "--path"], capsys)
     assert code == 0 and Path(out.strip()).read_text().startswith("# paper:")
     code, _, err = run_cli(["recipes", "cifar10-wrn-9000"], capsys)

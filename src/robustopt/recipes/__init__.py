@@ -3,7 +3,7 @@
 Each recipe is ``NAME.toml`` in this package (and, in a clone, under ``recipes/`` at the repository root), run as
 ``robustopt train --config recipes/NAME.toml`` and listed by ``robustopt recipes``. Its first comment lines say,
 as ``# key: value``, the ``paper`` it follows, the ``anchor`` (the published clean and robust accuracy, with the
-attack) and the ``device`` it is meant for. Names resolve here, at the edge; training only ever sees a TrainConfig.
+attack), the ``device`` it is meant for and what this project ``measured`` with it (or that it has not been run). Names resolve here, at the edge; training only ever sees a TrainConfig.
 """
 
 from __future__ import annotations
@@ -15,18 +15,19 @@ from pathlib import Path
 
 from robustopt.errors import ConfigError
 
-HEADER = re.compile(r"^#\s*(paper|anchor|device):\s*(.+?)\s*$")
+HEADER = re.compile(r"^#\s*(paper|anchor|device|measured):\s*(.+?)\s*$")
 
 
 @dataclass(frozen=True)
 class Recipe:
-    """A shipped recipe: its name, file and the paper, anchor and device from its header comments."""
+    """A shipped recipe: its name, file and the paper, anchor, device and measured result from its header comments."""
 
     name: str
     path: Path
     paper: str
     anchor: str
     device: str
+    measured: str
 
 
 def recipes_dir() -> Path:
@@ -34,7 +35,7 @@ def recipes_dir() -> Path:
 
 
 def read_header(path: Path) -> dict[str, str]:
-    """The ``# paper:``, ``# anchor:`` and ``# device:`` lines at the top of a recipe file."""
+    """The ``# paper:``, ``# anchor:``, ``# device:`` and ``# measured:`` lines at the top of a recipe file."""
     found: dict[str, str] = {}
     for line in path.read_text().splitlines():
         if not line.startswith("#"):
@@ -50,7 +51,8 @@ def list_recipes() -> list[Recipe]:
     out = []
     for path in sorted(recipes_dir().glob("*.toml")):
         head = read_header(path)
-        out.append(Recipe(path.stem, path, head.get("paper", "?"), head.get("anchor", "?"), head.get("device", "?")))
+        fields = [head.get(k, "?") for k in ("paper", "anchor", "device")]
+        out.append(Recipe(path.stem, path, *fields, head.get("measured", "not run by this project")))
     return out
 
 

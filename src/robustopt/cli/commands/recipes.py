@@ -9,7 +9,7 @@ def recipes_command(
     name: str | None = typer.Argument(None, help="A recipe to show (its path and its TOML text)."),
     path_only: bool = typer.Option(False, "--path", help="Print only the recipe file's path."),
 ) -> None:
-    """List the recipes (name, paper, published anchor numbers, device), or print one: `robustopt train --config FILE`."""
+    """List the recipes (name, paper, published anchor, what we measured, device), or print one: `robustopt train --config FILE`."""
     from robustopt.recipes import list_recipes, resolve
 
     if name is not None:
@@ -17,7 +17,8 @@ def recipes_command(
         typer.echo(str(path) if path_only else f"# {path}\n{path.read_text()}")
         return
     for r in list_recipes():
-        typer.echo(f"{r.name}\n    paper:  {r.paper}\n    anchor: {r.anchor}\n    device: {r.device}")
+        typer.echo(f"{r.name}\n    paper:     {r.paper}\n    published: {r.anchor}\n    measured:  {r.measured}\n"
+                   f"    device:    {r.device}")  # fmt: skip
     typer.echo('run one: robustopt train --config recipes/NAME.toml (in a clone), or --config "$(robustopt recipes NAME --path)"')
 
 
