@@ -1,26 +1,29 @@
-"""AutoAttack parity: robustopt's ``autoattack`` against torchattacks' AutoAttack on the same models and images.
+"""AutoAttack parity: robustopt's ``autoattack`` against the reference AutoAttack (and torchattacks') on the same model.
 
-Run by hand in the peers' venv (see benchmarks/README.md; torchattacks installed with --no-deps)::
+Run by hand in a private venv that holds the peers (see benchmarks/README.md; never robustopt dependencies)::
 
-    /tmp/benchvenv/bin/python benchmarks/bench_autoattack_parity.py --run runs/std@0.1 --run runs/pgd@0.2 \\
-        --images 1000 --threads 1 [--device cuda]
+    /tmp/aavenv/bin/python benchmarks/bench_autoattack_parity.py --run pretrained:mnist-linf-0.3@0.3 \
+        --images 100 --threads 1 [--tools robustopt,reference,torchattacks-100] [--repeats 3] [--device cuda]
 
-For each ``RUN@EPS`` (a robustopt run directory and an ℓ∞ radius) it runs, on the first ``--images``
-MNIST test images, one after the other in one process:
+For each ``RUN@EPS`` (a run directory or ``pretrained:NAME``, and an ℓ∞ radius) it runs, on the first
+``--images`` MNIST test images, one after the other in one process and in rotating order over ``--repeats``:
 
 * ``robustopt``: ``autoattack`` version "standard" (APGD-CE, APGD-T, FAB-T: 100 iterations, 9 targets;
-  Square: 5000 queries);
+  Square: 5000 queries), exactly as ``evaluate --attack autoattack --no-sanity`` runs it, with a timer
+  around each component;
+* ``reference``: fra31/auto-attack's ``AutoAttack(norm="Linf", version="standard", seed=0)``,
+  ``run_standard_evaluation(x, y, bs=250)`` (its default batch), with its per-component robust counts
+  and times read through its ``EvaluationState``;
 * ``torchattacks``: ``torchattacks.AutoAttack(version="standard", seed=0)`` as shipped; its APGD, APGD-T
   and FAB keep torchattacks' default of **10** iterations, so it is a cheaper measurement than the
   reference's standard version;
-* ``torchattacks-100``: the same four torchattacks components with the standard budgets (100 iterations),
-  the like-for-like comparison.
+* ``torchattacks-100``: the same four torchattacks components with the standard budgets (100 iterations).
 
-Each torchattacks cascade is run as its ``MultiAttack`` runs it (every attack on the points still
-classified correctly), written out here so that the robust count after each component can be printed.
-Printed per tool: robust accuracy, robust count after each component, wall time, and per-example
-agreement of the robust masks with robustopt's (``ours only`` = robust for robustopt but broken by the
-peer: the points where robustopt is the weaker attack).
+Every tool gets the same model object (so a faster model, e.g. robustopt's max-pool, speeds up every
+tool alike, and the ratio compares the attacks). Printed per tool: robust accuracy, robust count after each
+component, median wall time, per-example agreement of the robust masks with robustopt's (``ours only`` =
+robust for robustopt but broken by the peer: the points where robustopt is the weaker attack), and
+robustopt's time ÷ the tool's.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import argparse
 import datetime
 import json
 import platform
+import statistics
 import time
 from collections.abc import Callable
 
@@ -36,9 +40,11 @@ import torch
 from torch import nn
 
 from robustopt.data.datasets import load_dataset, to_float
-from robustopt.evaluation.attacks.autoattack import autoattack
+from robustopt.evaluation.attacks._common import cascade
+from robustopt.evaluation.attacks.autoattack import STANDARD, standard_components
 from robustopt.loading import load_model
 from robustopt.threat.model import ThreatModel
+from robustopt.threat.perturb import attack_state
 
 Cascade = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, int]]]
 
@@ -48,10 +54,62 @@ def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 10
     return torch.cat([model(x[i : i + batch]).argmax(1) == y[i : i + batch] for i in range(0, len(y), batch)])
 
 
+def _timed(name: str, attack: Callable, seconds: dict[str, float]) -> Callable:
+    def run(*args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return attack(*args, **kwargs)
+        finally:
+            seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t
+
+    return run
+
+
 def robustopt_cascade(model: nn.Module, eps: float) -> Cascade:
+    """robustopt's ``autoattack`` exactly as it runs, with a timer around each component."""
+
     def run(x, y):
         stats: dict[str, int] = {}
-        x_adv = autoattack(model, x, y, ThreatModel("linf", eps), stats=stats)
+        seconds: dict[str, float] = {}
+        comps = standard_components("linf", **{k: STANDARD[k] for k in ("steps", "n_targets", "queries", "seed")},
+                                    device=x.device)  # fmt: skip
+        with attack_state(model, "autoattack"):
+            x_adv = cascade(model, x, y, ThreatModel("linf", eps), [(n, _timed(n, a, seconds)) for n, a in comps], stats)
+        stats.update({f"{n} s": round(v, 1) for n, v in seconds.items()})
+        return x_adv, stats
+
+    return run
+
+
+def reference_cascade(model: nn.Module, eps: float) -> Cascade:
+    """The reference AutoAttack (fra31/auto-attack), version "standard", seed 0, batches of 250 (its default).
+
+    Installed from its public source into the benchmark's private venv; never a robustopt dependency.
+    Its per-component robust counts and times are read by wrapping its ``EvaluationState.add_run_attack``,
+    which it calls once after each component.
+    """
+    import autoattack
+    from autoattack import autoattack as aa_module
+
+    def run(x, y):
+        adversary = autoattack.AutoAttack(model, norm="Linf", eps=eps, version="standard", seed=0,
+                                          verbose=False, device=str(x.device))  # fmt: skip
+        stats: dict[str, int] = {"clean": int(_correct(model, x, y).sum())}
+        state_cls, last = aa_module.EvaluationState, [time.perf_counter()]
+        original = state_cls.add_run_attack
+
+        def add_run_attack(state, attack):
+            now = time.perf_counter()
+            stats[attack], stats[f"{attack} s"] = int(state.robust_flags.sum()), round(now - last[0], 1)
+            last[0] = now
+            return original(state, attack)
+
+        state_cls.add_run_attack = add_run_attack
+        try:
+            last[0] = time.perf_counter()
+            x_adv = adversary.run_standard_evaluation(x, y, bs=250)
+        finally:
+            state_cls.add_run_attack = original
         return x_adv, stats
 
     return run
@@ -89,23 +147,44 @@ def torchattacks_cascade(model: nn.Module, eps: float, steps: int | None) -> Cas
     return run
 
 
-def compare(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> dict[str, dict]:
-    tools: dict[str, Cascade] = {"robustopt": robustopt_cascade(model, eps)}
-    try:
-        tools["torchattacks"] = torchattacks_cascade(model, eps, None)
-        tools["torchattacks-100"] = torchattacks_cascade(model, eps, 100)
-    except ImportError as e:
-        print(f"# skipping torchattacks: not importable ({e})")
+TOOLS = {
+    "robustopt": robustopt_cascade,
+    "reference": reference_cascade,
+    "torchattacks": lambda model, eps: torchattacks_cascade(model, eps, None),
+    "torchattacks-100": lambda model, eps: torchattacks_cascade(model, eps, 100),
+}
+
+
+def available(names: list[str]) -> list[str]:
+    """The requested tools that import here (robustopt always does); a note for each that does not."""
+    found = []
+    for name in names:
+        module = {"reference": "autoattack", "torchattacks": "torchattacks", "torchattacks-100": "torchattacks"}.get(name)
+        try:
+            if module:
+                __import__(module)
+            found.append(name)
+        except ImportError as e:
+            print(f"# skipping {name}: not importable ({e})")
+    return found
+
+
+def compare(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, names: list[str], repeats: int) -> dict:
+    """Each tool ``repeats`` times, in rotating order; the last run's outputs and every run's wall time."""
     out: dict[str, dict] = {}
-    for name, run in tools.items():
-        sync(x)
-        t = time.perf_counter()
-        x_adv, stats = run(x, y)
-        sync(x)
-        seconds = time.perf_counter() - t
-        delta = (x_adv - x).flatten(1).abs().amax(1)
-        robust = _correct(model, x_adv, y) & _correct(model, x, y)
-        out[name] = {"seconds": seconds, "stats": stats, "robust": robust, "max_linf": float(delta.max())}
+    for r in range(repeats):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            sync(x)
+            t = time.perf_counter()
+            x_adv, stats = TOOLS[name](model, eps)(x, y)
+            sync(x)
+            seconds = time.perf_counter() - t
+            delta = (x_adv - x).flatten(1).abs().amax(1)
+            robust = _correct(model, x_adv, y) & _correct(model, x, y) & (delta <= eps + 1e-6)
+            runs = out.get(name, {}).get("runs", []) + [seconds]
+            out[name] = {"seconds": statistics.median(runs), "runs": runs, "stats": stats, "robust": robust,
+                         "max_linf": float(delta.max())}  # fmt: skip
+            print(f"# {name} run {r + 1}: {seconds:.1f} s, {int(robust.sum())} robust, {stats}", flush=True)
     return out
 
 
@@ -116,9 +195,10 @@ def sync(x: torch.Tensor) -> None:
 
 def report(label: str, eps: float, res: dict[str, dict], n: int) -> dict:
     ours = res["robustopt"]["robust"]
+    base = res["robustopt"]["seconds"]
     print(f"\n## {label}, linf eps={eps}, {n} images")
     print(f"{'tool':<18}{'robust %':>9}{'clean':>7}{'apgd-ce':>9}{'apgd-t':>8}{'fab-t':>7}{'square':>8}{'seconds':>9}"
-          f"{'agree %':>9}{'ours only':>10}{'theirs only':>12}")  # fmt: skip
+          f"{'agree %':>9}{'ours only':>10}{'theirs only':>12}{'ours ÷ theirs':>15}")  # fmt: skip
     rows = {}
     for name, r in res.items():
         s = r["stats"]
@@ -126,8 +206,8 @@ def report(label: str, eps: float, res: dict[str, dict], n: int) -> dict:
         ours_only, theirs_only = int((ours & ~r["robust"]).sum()), int((r["robust"] & ~ours).sum())
         acc = float(r["robust"].float().mean()) * 100
         print(f"{name:<18}{acc:>9.1f}{s['clean']:>7}{s['apgd-ce']:>9}{s['apgd-t']:>8}{s['fab-t']:>7}{s['square']:>8}"
-              f"{r['seconds']:>9.1f}{agree:>9.1f}{ours_only:>10}{theirs_only:>12}")  # fmt: skip
-        rows[name] = {"robust_accuracy": acc, "components": s, "seconds": r["seconds"], "agreement": agree,
+              f"{r['seconds']:>9.1f}{agree:>9.1f}{ours_only:>10}{theirs_only:>12}{base / r['seconds']:>15.3f}")  # fmt: skip
+        rows[name] = {"robust_accuracy": acc, "components": s, "seconds": r["seconds"], "runs": r["runs"], "agreement": agree,
                       "ours_only": ours_only, "theirs_only": theirs_only, "max_linf": r["max_linf"]}  # fmt: skip
     return rows
 
@@ -138,6 +218,8 @@ def main() -> None:
     p.add_argument("--images", type=int, default=1000)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--tools", default="robustopt,reference", help=f"comma-separated, of {', '.join(TOOLS)}")
+    p.add_argument("--repeats", type=int, default=1, help="runs per tool, in rotating order; the median time is reported")
     p.add_argument("--json", help="also write the figures here")
     args = p.parse_args()
     if args.threads:
@@ -150,7 +232,9 @@ def main() -> None:
     for spec in args.run:
         run_dir, _, eps = spec.rpartition("@")
         model = load_model(run_dir, args.device)
-        figures[spec] = report(run_dir, float(eps), compare(model, x, y, float(eps)), len(y))
+        names = available(["robustopt"] + [t for t in args.tools.split(",") if t != "robustopt"])
+        res = compare(model, x, y, float(eps), names, args.repeats)
+        figures[spec] = report(run_dir, float(eps), res, len(y))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(figures, f, indent=2)

@@ -2,8 +2,9 @@
 
 Variants (each trains the recipe with one change, same epochs, seed and data):
 
-* ``recipe``: as shipped (EMA, ε ramp, AWP);
-* ``no-ema``, ``no-ramp``, ``no-awp``: the recipe less one technique;
+* ``recipe``: as shipped (EMA, ε ramp; AWP and label smoothing off);
+* ``no-ema``, ``no-ramp``: the recipe less one technique;
+* ``plus-awp``: the recipe with AWP, γ 0.005 (Wu et al.'s value);
 * ``plus-label-smoothing``: the recipe with label smoothing 0.1;
 * ``none``: none of the four (plain TRADES-5 at the same budget).
 
@@ -12,7 +13,7 @@ Each final ``model.safetensors`` (the EMA where there is one: the model of recor
 Finished variants are not retrained (their ``summary.json`` exists), so an interrupted ablation can be run again.
 The table goes to ``--doc`` with the command, the budget, the times and the machine.
 
-Full size (about 6 × 75 min on one thread; not run yet):
+Full size (about 6 × 70 min on one thread; not run):
 
     OMP_NUM_THREADS=1 .venv/bin/python scripts/ablation_mnist.py --out runs/ablation-mnist
 
@@ -43,7 +44,7 @@ VARIANTS = {
     "recipe": {},
     "no-ema": {"ema_decay": None},
     "no-ramp": {"eps_ramp_epochs": 0.0},
-    "no-awp": {"awp_gamma": None},
+    "plus-awp": {"awp_gamma": 0.005},
     "plus-label-smoothing": {"label_smoothing": 0.1},
     "none": {"ema_decay": None, "eps_ramp_epochs": 0.0, "awp_gamma": None, "label_smoothing": 0.0},
 }
