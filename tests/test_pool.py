@@ -103,3 +103,12 @@ def test_builtin_nets_give_the_same_logits_and_gradients_as_with_nn_maxpool2d(sp
         (g,) = torch.autograd.grad(F.cross_entropy(m(xx), y), xx)
         grads.append(g)
     assert torch.equal(*grads)
+
+
+def test_fast_path_is_cpu_only(monkeypatch):
+    calls = []
+    monkeypatch.setattr("robustopt.models.pool.window_max", lambda x, k: calls.append(k) or F.max_pool2d(x, k))
+    x = torch.randn(1, 2, 4, 4, device="meta")
+    with torch.no_grad():
+        assert MaxPool2d(2, 2)(x).shape == (1, 2, 2, 2)
+    assert calls == []

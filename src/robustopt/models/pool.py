@@ -3,7 +3,8 @@
 Why: on CPU, ``F.max_pool2d`` always runs ``max_pool2d_with_indices`` (indices are formed even under
 ``no_grad``), which on the built-in MNIST nets is about 10× slower than k²−1 ``torch.maximum`` calls
 on strided views (4.8 ms vs 0.47 ms for a (50, 32, 24, 24) map, one thread) and was a quarter of
-small-cnn's forward time, so of every Square query and of every attack step.
+small-cnn's forward time, so of every Square query and every prediction. On other devices
+(CUDA) torch's kernel is kept: there one fused kernel beats k²−1 launches.
 
 Exactness. A maximum involves no rounding, so the output is bit-identical to ``F.max_pool2d``
 (floor mode: trailing rows and columns that do not fill a window are dropped, as there; NaN
@@ -57,9 +58,10 @@ class MaxPool2d(nn.MaxPool2d):
 
     def forward(self, x: Tensor) -> Tensor:
         k = self._fast()
-        needs_grad = torch.is_grad_enabled() and x.requires_grad
-        if k is None or needs_grad or x.dim() not in (3, 4) or x.shape[-2] < k or x.shape[-1] < k:
+        if k is None or x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad):
             return super().forward(x)
+        if x.dim() not in (3, 4) or x.shape[-2] < k or x.shape[-1] < k:
+            return super().forward(x)  # torch's own error for a map smaller than the window
         return window_max(x, k)
 
 

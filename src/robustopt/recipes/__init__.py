@@ -3,7 +3,8 @@
 Each recipe is ``NAME.toml`` in this package (and, in a clone, under ``recipes/`` at the repository root), run as
 ``robustopt train --config recipes/NAME.toml`` and listed by ``robustopt recipes``. Its first comment lines say,
 as ``# key: value``, the ``paper`` it follows, the ``anchor`` (the published clean and robust accuracy, with the
-attack), the ``device`` it is meant for and what this project ``measured`` with it (or that it has not been run). Names resolve here, at the edge; training only ever sees a TrainConfig.
+attack), the ``device`` it is meant for and what this project ``measured`` with it (or that it has not been run).
+Names resolve here, at the edge; training only ever sees a TrainConfig.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ def recipes_command(
     name: str | None = typer.Argument(None, help="A recipe to show (its path and its TOML text)."),
     path_only: bool = typer.Option(False, "--path", help="Print only the recipe file's path."),
 ) -> None:
-    """List the recipes (name, paper, published anchor, what we measured, device), or print one: `robustopt train --config FILE`."""
+    """List the recipes (name, paper, published and measured results, device), or print one: `robustopt train --config FILE`."""
     from robustopt.recipes import list_recipes, resolve
 
     if name is not None:
