@@ -11,7 +11,8 @@ Variants (each trains the recipe with one change, same epochs, seed and data):
 Each final ``model.safetensors`` (the EMA where there is one: the model of record) is measured on the first
 ``--n-test`` test images: clean accuracy and PGD-40 with 2 restarts (step 2.5ε/40, random starts, seeded).
 Finished variants are not retrained (their ``summary.json`` exists) nor re-measured (``ablation-N.json``), so an
-interrupted ablation can be run again.
+interrupted ablation can be run again; a variant whose run directory was trained with another configuration (the
+recipe changed since) is refused with the keys that differ, rather than reported under the new recipe's name.
 The table goes to ``--doc`` with the command, the budget, the times and the machine.
 
 Full size (about 6 × 70 min on one thread; not run):
@@ -64,6 +65,16 @@ def budget(cfg: TrainConfig, epochs: int | None, subset: int | None) -> TrainCon
     return dataclasses.replace(cfg, **changes)
 
 
+def changed_keys(cfg: TrainConfig, run: Path) -> dict[str, tuple]:
+    """Training keys whose value in ``run``'s config.json differs from ``cfg``'s: {key: (recorded, now)}; {} for a new run."""
+    path = run / "config.json"
+    if not path.exists():
+        return {}
+    recorded = json.loads(path.read_text()).get("train", {})
+    now = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))  # as config.json records it
+    return {k: (recorded[k], v) for k, v in now.items() if k in recorded and recorded[k] != v}
+
+
 def measure(run: Path, n_test: int, eps: float) -> dict:
     data = load_dataset("mnist")
     x, y = to_float(data.x_test[:n_test]), data.y_test[:n_test]
@@ -88,6 +99,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name in args.variants.split(","):
         cfg, out = dataclasses.replace(base, **VARIANTS[name]), args.out / name
+        stale = changed_keys(cfg, out)
+        if stale:
+            what = ", ".join(f"{k} {a!r} (now {b!r})" for k, (a, b) in stale.items())
+            print(f"ablation_mnist: error: {out} was trained with another configuration: {what}; "
+                  "use a new --out or remove it", file=sys.stderr)  # fmt: skip
+            return 2
         if not (out / "summary.json").exists():
             train(cfg, out, resume=(out / "checkpoint.safetensors").exists(), progress=False)
         summary = json.loads((out / "summary.json").read_text())
