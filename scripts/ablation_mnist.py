@@ -40,7 +40,9 @@ import torch
 
 from robustopt import ThreatModel, evaluate, load_model, train
 from robustopt.data.datasets import load_dataset, to_float
+from robustopt.errors import RunDirError
 from robustopt.recipes import load_recipe
+from robustopt.rundir import changed_keys as changed_run_keys
 from robustopt.training.config import TrainConfig
 
 VARIANTS = {
@@ -67,12 +69,7 @@ def budget(cfg: TrainConfig, epochs: int | None, subset: int | None) -> TrainCon
 
 def changed_keys(cfg: TrainConfig, run: Path) -> dict[str, tuple]:
     """Training keys whose value in ``run``'s config.json differs from ``cfg``'s: {key: (recorded, now)}; {} for a new run."""
-    path = run / "config.json"
-    if not path.exists():
-        return {}
-    recorded = json.loads(path.read_text()).get("train", {})
-    now = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))  # as config.json records it
-    return {k: (recorded[k], v) for k, v in now.items() if k in recorded and recorded[k] != v}
+    return changed_run_keys(run, cfg.training_keys()) if (run / "config.json").exists() else {}
 
 
 def measure(run: Path, n_test: int, eps: float) -> dict:
@@ -99,7 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name in args.variants.split(","):
         cfg, out = dataclasses.replace(base, **VARIANTS[name]), args.out / name
-        stale = changed_keys(cfg, out)
+        try:
+            stale = changed_keys(cfg, out)
+        except RunDirError as e:  # a config.json that robustopt did not write, or a damaged one
+            print(f"ablation_mnist: error: {e}", file=sys.stderr)
+            return 2
         if stale:
             what = ", ".join(f"{k} {a!r} (now {b!r})" for k, (a, b) in stale.items())
             print(f"ablation_mnist: error: {out} was trained with another configuration: {what}; "

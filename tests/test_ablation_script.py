@@ -26,24 +26,27 @@ def test_a_shorter_budget_scales_the_ramp_and_the_milestones() -> None:
     assert all(1 <= m <= half.epochs for m in half.milestones)
 
 
+def _recorded_run(run: Path, cfg, **changes) -> None:
+    """A run directory whose config.json records ``cfg`` with ``changes``, as training writes it."""
+    run.mkdir(exist_ok=True)
+    recorded = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+    (run / "config.json").write_text(json.dumps({"train": {**recorded, **changes}}))
+
+
 def test_a_run_of_another_configuration_is_reported_key_by_key(tmp_path: Path) -> None:
     cfg = ablation.budget(load_recipe("mnist-linf-0.3-strong"), 1, None)
     assert ablation.changed_keys(cfg, tmp_path / "new") == {}  # nothing trained there yet
     run = tmp_path / "recipe"
-    run.mkdir()
-    recorded = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
-    (run / "config.json").write_text(json.dumps({"train": recorded}))
+    _recorded_run(run, cfg)
     assert ablation.changed_keys(cfg, run) == {}
-    (run / "config.json").write_text(json.dumps({"train": {**recorded, "eps_ramp_epochs": 0.5, "epochs": 3}}))
+    _recorded_run(run, cfg, eps_ramp_epochs=0.5, epochs=3)
     assert ablation.changed_keys(cfg, run) == {"eps_ramp_epochs": (0.5, cfg.eps_ramp_epochs), "epochs": (3, 1)}
 
 
 def test_main_refuses_a_stale_variant_in_one_line(tmp_path: Path, capsys) -> None:
     cfg = ablation.budget(load_recipe("mnist-linf-0.3-strong"), 1, None)
     run = tmp_path / "recipe"
-    run.mkdir()
-    recorded = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
-    (run / "config.json").write_text(json.dumps({"train": {**recorded, "label_smoothing": 0.2}}))
+    _recorded_run(run, cfg, label_smoothing=0.2)
     (run / "summary.json").write_text("{}")
     threads = torch.get_num_threads()  # main() pins one thread for its timings; give the test session its own back
     try:

@@ -149,6 +149,13 @@ def _replaceable(out: Path) -> bool:
     return _train_section(cfg) is not None
 
 
+def changed_keys(out: Path, training_keys: dict[str, Any], saved: dict[str, Any] | None = None) -> dict[str, tuple[Any, Any]]:
+    """The training keys whose value in ``out/config.json`` (or ``saved``, its train section) differs from
+    ``training_keys``: ``{key: (saved value or None, requested value)}``."""
+    saved = _saved_training_keys(out) if saved is None else saved
+    return {k: (saved.get(k), v) for k, v in training_keys.items() if k not in saved or saved[k] != v}
+
+
 def check_run_dir(out: Path, training_keys: dict[str, Any], *, resume: bool, overwrite: bool) -> bool:
     """Check ``out`` against the request without changing anything; returns True when a checkpoint should be resumed.
 
@@ -168,7 +175,7 @@ def check_run_dir(out: Path, training_keys: dict[str, Any], *, resume: bool, ove
         raise RunDirError(f"{out} already holds a finished run; pass --overwrite to replace it or choose another --out")
     if not resume:
         raise RunDirError(f"{out} already holds an unfinished run; pass --resume to continue it or --overwrite to restart")
-    diff = sorted(k for k in training_keys if k not in saved or saved[k] != training_keys[k])
+    diff = sorted(changed_keys(out, training_keys, saved))
     if diff:
         raise RunDirError(
             f"{out} holds a run with a different configuration ({', '.join(diff)}); use another --out or --overwrite"
