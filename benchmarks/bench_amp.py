@@ -31,7 +31,7 @@ from robustopt.training.named import train
 def one_epoch(base: dict, amp: str, images: int, device: str, data_dir: Path | None, root: Path) -> tuple[float, float]:
     cfg = make_config({**base, "amp": amp, "epochs": 1, "subset": images, "test_subset": 1000, "checkpoint_minutes": 1e6})
     summary = train(cfg, root / amp, data_dir=data_dir, device=device, overwrite=True, progress=False, log=lambda s: None)
-    return summary["train_seconds"], summary["test_acc"]
+    return summary.train_seconds, summary.test_acc
 
 
 def main() -> None:

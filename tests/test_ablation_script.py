@@ -48,7 +48,7 @@ def test_main_refuses_a_stale_variant_in_one_line(tmp_path: Path, capsys) -> Non
     run = tmp_path / "recipe"
     _recorded_run(run, cfg, label_smoothing=0.2)
     (run / "summary.json").write_text("{}")
-    threads = torch.get_num_threads()  # main() pins one thread for its timings; give the test session its own back
+    threads = torch.get_num_threads()  # main() sets --threads (1) for its timings; give the test session its own back
     try:
         rc = ablation.main(["--out", str(tmp_path), "--epochs", "1", "--variants", "recipe", "--doc", str(tmp_path / "d.md")])
     finally:
@@ -57,3 +57,12 @@ def test_main_refuses_a_stale_variant_in_one_line(tmp_path: Path, capsys) -> Non
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "label_smoothing 0.2 (now 0.0)" in err
     assert not (tmp_path / "d.md").exists()
+
+
+def test_main_refuses_a_thread_count_below_one_before_anything_runs(tmp_path: Path, capsys) -> None:
+    threads = torch.get_num_threads()
+    rc = ablation.main(["--out", str(tmp_path / "abl"), "--threads", "0", "--doc", str(tmp_path / "d.md")])
+    assert rc == 2 and torch.get_num_threads() == threads
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--threads must be >= 1, got 0" in err
+    assert not (tmp_path / "abl").exists() and not (tmp_path / "d.md").exists()

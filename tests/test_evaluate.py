@@ -360,6 +360,8 @@ def test_cli_evaluates_any_model_from_a_factory_and_foreign_weights(standard_run
         (["RUN", "--robustbench-json", "rb.json"], "use it with --attack autoattack"),
         (["RUN", "--source", "CIFAR_RUN"], "was trained on 'cifar10'"),
         (["RUN", "--sanity", "some"], "--sanity must be light, full or off"),
+        (["RUN", "--start", "10000"], "--start must be between 0 and 9999"),
+        (["RUN", "--start", "-1"], "--start must be between 0 and 9999"),
     ],
 )
 def test_cli_evaluate_bad_models_and_flags_are_one_line_errors_before_any_attack(
@@ -400,3 +402,27 @@ def test_cli_robustbench_json_holds_the_model_card_fields(standard_run, tmp_path
     assert card["n_examples"] == 12 and card["threat_model"] == "Linf" and card["eps"] == "0.05"
     assert card["attack_version"] == "custom"  # non-standard budgets are never labelled "standard"
     assert float(card["autoattack_acc"]) <= float(card["clean_acc"])
+
+
+def _evaluate_json(capsys, *args: str) -> dict:
+    """The CLI's own main in-process, its --json object."""
+    from robustopt import cli
+
+    try:
+        cli.main(["evaluate", *args, "--json", "--no-progress"])
+    except SystemExit as e:
+        assert e.code in (0, None), capsys.readouterr().err
+    return json.loads(capsys.readouterr().out)
+
+
+def test_cli_start_evaluates_a_range_and_the_ranges_add_up_to_the_whole(standard_run, capsys):
+    """--start N --subset M attacks test images [N, N+M): the counts of two ranges add up to those of the whole."""
+    common = (str(standard_run), "--attack", "fgsm", "--eps", "0.1", "--no-sanity")
+    whole = _evaluate_json(capsys, *common, "--subset", "30")
+    first = _evaluate_json(capsys, *common, "--subset", "17")
+    rest = _evaluate_json(capsys, *common, "--start", "17", "--subset", "13")
+    assert (first["start"], rest["start"], rest["n"]) == (0, 17, 13)
+    for key in ("clean_accuracy", "adversarial_accuracy"):
+        assert round(first[key] * 17 + rest[key] * 13) == round(whole[key] * 30)
+    tail = _evaluate_json(capsys, *common, "--start", "9990", "--subset", "50")  # clipped at the end of the test set
+    assert tail["n"] == 10

@@ -48,8 +48,9 @@ def is_run(run_dir: str | Path) -> bool:
     return str(run_dir).startswith(PREFIX) or Path(run_dir).is_dir()
 
 
-def load_run(run_dir: str | Path, device: str | None, subset: int | None, data_dir: Path | None, trust_code: bool) -> Loaded:
-    """A run directory's model and its data set's first ``subset`` test images."""
+def load_run(run_dir: str | Path, device: str | None, subset: int | None, data_dir: Path | None, trust_code: bool,
+             start: int = 0) -> Loaded:  # fmt: skip
+    """A run directory's model and ``subset`` test images of its data set from index ``start`` (all when None)."""
     d = resolve_run(run_dir)  # pretrained:NAME is a model shipped with robustopt
     if not d.is_dir():
         raise RunDirError(f"run directory {d} does not exist; pass the --out directory of a finished training run")
@@ -62,7 +63,7 @@ def load_run(run_dir: str | Path, device: str | None, subset: int | None, data_d
     k = cfg.get("num_classes")
     if isinstance(k, int):
         check_class_count(data.num_classes, k, where=str(cfg.get("dataset")))
-    x, y = test_slice(data, subset)
+    x, y = test_slice(data, subset, start)
     return Loaded(model, x, y, dev, cfg.get("dataset", "mnist"), k if isinstance(k, int) else None, cfg)
 
 
@@ -74,16 +75,22 @@ def run_threat(cfg: dict[str, Any]) -> tuple[str | None, float | None]:
     return None, None
 
 
-def test_slice(data: Any, subset: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``subset`` test examples as floats in [0, 1], and their labels."""
+def test_slice(data: Any, subset: int | None, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Test examples ``[start, start + subset)`` (to the end when subset is None) as floats in [0, 1], and their labels.
+
+    ``start`` lets c processes evaluate disjoint ranges side by side (one thread each), which on a CPU finishes
+    sooner than one c-thread process; the ranges' counts add up to the whole."""
     if subset is not None and subset < 1:
         raise ConfigError(f"--subset must be >= 1, got {subset}")
-    n = len(data.y_test) if subset is None else min(subset, len(data.y_test))
-    return to_float(data.x_test[:n]), data.y_test[:n]
+    total = len(data.y_test)
+    if not 0 <= start < total:
+        raise ConfigError(f"--start must be between 0 and {total - 1} (the test set has {total} images), got {start}")
+    stop = total if subset is None else min(start + subset, total)
+    return to_float(data.x_test[start:stop]), data.y_test[start:stop]
 
 
 def load_foreign(spec: str, kwargs_json: str | None, weights: Path | None, device: str | None, dataset: str | None,
-                 data: Path | None, subset: int | None, data_dir: Path | None) -> Loaded:  # fmt: skip
+                 data: Path | None, subset: int | None, data_dir: Path | None, start: int = 0) -> Loaded:  # fmt: skip
     """``--model package.module:factory [--model-kwargs JSON] --weights FILE`` on ``--dataset NAME`` or ``--data PATH``."""
     if weights is None:
         raise ConfigError("--model needs --weights FILE (.safetensors, or a .pt/.pth state dict)")
@@ -91,7 +98,7 @@ def load_foreign(spec: str, kwargs_json: str | None, weights: Path | None, devic
         raise ConfigError("--model needs exactly one of --dataset NAME and --data PATH (the test set to evaluate on)")
     dev = pick_device(device)
     data_set = load_dataset(dataset, data_dir) if dataset is not None else load_dataset(str(data))
-    x, y = test_slice(data_set, subset)
+    x, y = test_slice(data_set, subset, start)
     model = build(spec, model_kwargs(kwargs_json))
     load_state_into(model, read_weights(weights), Path(weights))
     return Loaded(model.to(dev).eval(), x, y, dev, data_set.name, getattr(data_set, "num_classes", None), {})

@@ -69,7 +69,8 @@ def attack_flags(attack: str, given: dict[str, Any]) -> dict[str, Any]:
 
 
 def _print_human(res: dict[str, Any]) -> None:
-    typer.echo(f"clean accuracy        {res['clean_accuracy']:.4f}  (n={res['n']})")
+    where = f", test images {res['start']} to {res['start'] + res['n'] - 1}" if res.get("start") else ""
+    typer.echo(f"clean accuracy        {res['clean_accuracy']:.4f}  (n={res['n']}{where})")
     what = "transfer" if res["transfer"] else "white-box"
     typer.echo(f"{res['attack']} {res['norm']} eps={res['eps']:g} ({what})  {res['adversarial_accuracy']:.4f}")
     if "verified_accuracy" in res:
@@ -122,8 +123,8 @@ def _load(o: dict[str, Any]):
         raise ConfigError("--weights, --model-kwargs, --dataset and --data go with --model; a run directory knows its own")
     if o["model_spec"] is not None:
         return load_foreign(o["model_spec"], o["model_kwargs"], o["weights"], o["device"], o["dataset"], o["data"],
-                            o["subset"], o["data_dir"])  # fmt: skip
-    return load_run(o["run_dir"], o["device"], o["subset"], o["data_dir"], o["trust_code"])
+                            o["subset"], o["data_dir"], o["start"])  # fmt: skip
+    return load_run(o["run_dir"], o["device"], o["subset"], o["data_dir"], o["trust_code"], o["start"])
 
 
 def _threat(o: dict[str, Any], run_cfg: dict[str, Any]):
@@ -172,7 +173,7 @@ def evaluate_command(**o: Any) -> None:
         res = evaluate(loaded.model, loaded.x, loaded.y, threat, attack, **kwargs)
     res = res.to_dict()
     as_text = {k: None if o[k] is None else str(o[k]) for k in ("run_dir", "source", "weights")}
-    res.update(as_text, model=o["model_spec"], dataset=loaded.data_name)
+    res.update(as_text, model=o["model_spec"], dataset=loaded.data_name, start=o["start"])
     if attack == "autoattack":
         res["standard"] = is_standard(o["steps"] or 100, extra.get("n_targets", 9), extra.get("queries", 5000), 0)
     if o["robustbench_json"] is not None:
@@ -209,7 +210,9 @@ COMMON_PARAMETERS = {
     "eps": (str | None, _opt(None, help="Radius ε in pixel units, e.g. 0.3 or 8/255  [default: the run's own]")),
     "steps": (int | None, _opt(None, min=1, help="Attack iterations (queries for square)  [default: per attack]")),
     "restarts": (int, _opt(1, min=1, help="Random restarts (pgd, apgd-ce, auto).")),
-    "subset": (int | None, _opt(None, help="Evaluate the first N test images.")),
+    "subset": (int | None, _opt(None, help="Evaluate the first N test images (from --start).")),
+    "start": (int, _opt(0, help="Skip the first N test images: with --subset M, images [N, N+M) are evaluated, so "
+                        "processes can split a test set and add their counts.")),  # fmt: skip
     "batch_size": (int, _opt(500, min=1, help="Examples per attack batch.")),
     "source": (str | None, _opt(None, "--source", help="Build the examples on this run's model (transfer).")),
     "partial": (Path | None, _opt(None, "--partial", help="Save partial results here and continue from them.")),
