@@ -52,7 +52,12 @@ CASES: dict[str, dict] = {
     # 32- vs a 64-image batch would look like that; not investigated further.)
     "robust-3steps-awp-ramp": {"method": "robust", "steps": 3, "awp_gamma": 0.01, "eps_ramp_epochs": 1},
     "robust-3steps-ls": {"method": "robust", "steps": 3, "label_smoothing": 0.1},
+    # certified training: the bound pass runs beside DDP's forward, at 20% of training (ε half-way up its ramp, κ and
+    # CROWN-IBP's β between their ends), so both the clean and the worst-case terms carry weight gradients.
+    "ibp": {"method": "ibp"},
+    "crown-ibp": {"method": "crown-ibp", "model": "ibp-cnn"},  # CROWN bounds need a net without max-pooling
 }
+CERTIFIED_PROGRESS = 0.2
 LOOPBACK_ENV = {"MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo"}
 
 
@@ -69,21 +74,29 @@ def _global_batch() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _one_step(case: str, x: torch.Tensor, y: torch.Tensor, ddp: bool) -> dict[str, torch.Tensor]:
-    """Weights of a fresh paper-mnist (seed 0) after ``train_step`` on (x, y), wired as ``train.train`` wires it."""
+    """Weights of a fresh net (seed 0) after ``train_step`` on (x, y), wired as ``train.train`` wires it."""
     cfg = TrainConfig(eps=0.1, lr=0.1, momentum=0.9, weight_decay=1e-3, **CASES[case])
-    torch.manual_seed(0)
-    model = build_model("paper-mnist", mean=[0.1307], std=[0.3081], num_classes=10, input_shape=(1, 28, 28))
+    model = _fresh_net(case)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     outer: nn.Module = nn.parallel.DistributedDataParallel(model) if ddp else model
     gen = torch.Generator().manual_seed(0)
     ctx = context_for(cfg, outer, model, opt, ThreatModel(cfg.norm or "linf", cfg.pixel_eps), gen)
     if cfg.eps_ramp_epochs:
         ctx = ramped(ctx, 0.5)  # half-way up the ramp: ε and the step size halved
+    if cfg.method in ("ibp", "crown-ibp"):
+        ctx.progress = CERTIFIED_PROGRESS
     if cfg.awp_gamma is not None:
         awp_step(ctx, x, y, cfg.awp_gamma)
     else:
         train_step(ctx, x, y)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _fresh_net(case: str) -> nn.Module:
+    """The case's net (paper-mnist unless it names another) as seed 0 initialises it."""
+    torch.manual_seed(0)
+    name = CASES.get(case, {}).get("model", "paper-mnist")
+    return build_model(name, mean=[0.1307], std=[0.3081], num_classes=10, input_shape=(1, 28, 28))
 
 
 def _parity_worker(rank: int, port: int, out: str) -> None:
@@ -128,8 +141,7 @@ def ddp_weights(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str,
 def test_ddp_step_matches_one_process_on_the_global_batch(case: str, ddp_weights: dict) -> None:
     x, y = _global_batch()
     single = _one_step(case, x, y, ddp=False)
-    torch.manual_seed(0)
-    initial = build_model("paper-mnist", mean=[0.1307], std=[0.3081], num_classes=10, input_shape=(1, 28, 28)).state_dict()
+    initial = _fresh_net(case).state_dict()
     moved = max(float((single[k] - initial[k]).abs().max()) for k in single)
     assert moved > 1e-3  # the step really changed the weights, so matching them means something
     for k in single:
