@@ -66,6 +66,21 @@ def test_bound_loss_upper_bounds_the_clean_loss_and_equals_it_at_zero_eps() -> N
         ibp_loss(model, x, y, threat, kappa=1.5)
 
 
+@pytest.mark.parametrize("wrap", ["compile", "data-parallel"])
+def test_bound_losses_of_a_wrapped_model_are_those_of_the_module_it_wraps(wrap: str) -> None:
+    """torch.compile and DataParallel wrappers (DDP is tested in test_distributed.py) are traced through, and the
+    bound's weight gradients land on the wrapped module's parameters. torch.compile only wraps here: the bound pass
+    never calls the compiled forward, so nothing is compiled."""
+    model, (x, y) = _net(), _blobs(30)
+    wrapped = torch.compile(model) if wrap == "compile" else nn.DataParallel(model)
+    threat = ThreatModel("linf", 0.05)
+    plain = crown_ibp_loss(model, x, y, threat, kappa=0.0, beta=0.5)
+    (want,) = torch.autograd.grad(plain, [model.model[0].weight])
+    through = crown_ibp_loss(wrapped, x, y, threat, kappa=0.0, beta=0.5)
+    (got,) = torch.autograd.grad(through, [model.model[0].weight])
+    assert float(through.detach()) == float(plain.detach()) and torch.equal(got, want)
+
+
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
 def test_bound_losses_are_differentiable_and_training_on_them_lowers_them(beta: float) -> None:
     model, (x, y) = _net(1), _blobs()
