@@ -121,6 +121,28 @@ def test_fit_trains_with_certified_methods(tmp_path, method: str) -> None:
         assert certify(model, x[:60], y[:60], threat, "crown").verified_accuracy > 0.5
 
 
+@pytest.mark.parametrize(
+    "method,layer,needle",
+    [
+        ("crown-ibp", nn.MaxPool2d(2), "MaxPool2d is supported by interval bounds only"),
+        ("ibp", nn.Tanh(), r"unsupported layer Sequential.1 \(Tanh\)"),
+    ],
+)
+def test_fit_refuses_a_net_its_certified_method_cannot_bound_before_writing_anything(
+    tmp_path, method: str, layer: nn.Module, needle: str
+) -> None:
+    x, y = _blobs(60)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), layer, nn.Flatten(), nn.LazyLinear(3))
+    net(x[:1])  # materialise the lazy layer
+    model = net.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError, match=needle):
+        fit(model, (x, y), out=tmp_path / "run", method=method, threat=ThreatModel("linf", 0.1), epochs=1, progress=False)
+    assert not (tmp_path / "run").exists() and model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def _cli(*args: str) -> int:
     from robustopt.cli.app import main
 

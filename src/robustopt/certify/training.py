@@ -84,6 +84,19 @@ def bound_margins(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, c
     return bound
 
 
+def check_bounds_apply(method: str, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel) -> None:
+    """Raise the certifier's ConfigError now if ``method`` (``ibp`` or ``crown-ibp``) cannot bound ``model``.
+
+    Training calls it before anything is written, so an unsupported layer (or max-pooling under CROWN-IBP) is a
+    one-line error at start-up, not at the first step with a half-made run directory. x (B, ...), y (B,): a few
+    examples; the model's train/eval flags and BatchNorm statistics are left as they were."""
+    from robustopt.threat.perturb import preserve_state
+
+    with torch.no_grad(), preserve_state(model):
+        model.eval()
+        bound_margins(model, x, y, threat, crown_weight=1.0 if method == "crown-ibp" else 0.0)
+
+
 def ibp_loss(
     model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *, kappa: float = 0.5, eps_scale: float = 1.0
 ) -> Tensor:

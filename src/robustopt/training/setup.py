@@ -20,6 +20,7 @@ import safetensors
 import torch
 from torch import nn
 
+from robustopt.data.datasets import to_float
 from robustopt.data.fingerprint import data_fingerprint
 from robustopt.devices import pick_device
 from robustopt.errors import ConfigError
@@ -142,6 +143,11 @@ def prepare(
             check_source(src, domain, k, what)
     input_shape = tuple(train_src.take(torch.arange(1))[0].shape[1:])
     domain.check_fits(input_shape)
+    if cfg.method in ("ibp", "crown-ibp") and threat is not None:
+        from robustopt.certify.training import check_bounds_apply
+
+        xb, yb = train_src.take(torch.arange(1))
+        check_bounds_apply(cfg.method, model, to_float(xb).to(dev), yb.to(dev), threat)
     cfg = dataclasses.replace(cfg, augment=augment_choice(cfg, meta, input_shape))
     fp = fingerprint(train_src, meta)  # of the data as given, before any is held out
     train_src, held = hold_out(cfg, train_src)
