@@ -426,3 +426,19 @@ def test_cli_start_evaluates_a_range_and_the_ranges_add_up_to_the_whole(standard
         assert round(first[key] * 17 + rest[key] * 13) == round(whole[key] * 30)
     tail = _evaluate_json(capsys, *common, "--start", "9990", "--subset", "50")  # clipped at the end of the test set
     assert tail["n"] == 10
+
+
+def test_large_eps_check_reaches_every_input_at_l1_on_few_features():
+    """ℓ1 at the box's diameter reaches every input, so the check's PGD must search the whole box. An ℓ1 PGD path
+    (a few coordinates per step, returning to the saturated ones) left 23-51% of a plain untrained 20-feature net's
+    points correct, a false alarm of masking; a net whose input gradient is zero must still fail the check."""
+    torch.manual_seed(0)
+    x = torch.rand(200, 20)
+    y = (x[:, 0] > 0.5).long()
+    net = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 2)).eval()
+    threat, plan = ThreatModel("l1", 0.5), light_plan(1e6, 200, None)
+    x, y = x[predict(net, x) == y], y[predict(net, x) == y]
+    honest = run_checks(net, x, y, threat, plan=plan, generator=torch.Generator().manual_seed(0))
+    assert honest["large_eps"]["passed"] and honest["large_eps"]["accuracy"] == 0.0, honest["large_eps"]
+    masked = RoundInput(net)  # round(x·255)/255: the same classifier, a zero input gradient
+    assert not run_checks(masked, x, y, threat, plan=plan, generator=torch.Generator().manual_seed(0))["large_eps"]["passed"]
