@@ -58,6 +58,9 @@ CASES: dict[str, dict] = {
     "crown-ibp": {"method": "crown-ibp", "model": "ibp-cnn"},  # CROWN bounds need a net without max-pooling
 }
 CERTIFIED_PROGRESS = 0.2
+# CROWN's back-substitution sums many products of slopes and weights: the 32- and 64-image batches round differently
+# by up to 2e-6 (measured), next to the default atol; 1e-5 is still 100x below the control's difference.
+ATOL = {"crown-ibp": 1e-5}
 LOOPBACK_ENV = {"MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo"}
 
 
@@ -145,7 +148,7 @@ def test_ddp_step_matches_one_process_on_the_global_batch(case: str, ddp_weights
     moved = max(float((single[k] - initial[k]).abs().max()) for k in single)
     assert moved > 1e-3  # the step really changed the weights, so matching them means something
     for k in single:
-        torch.testing.assert_close(ddp_weights[case][k], single[k], rtol=1e-5, atol=2e-6, msg=f"{case}: {k}")
+        torch.testing.assert_close(ddp_weights[case][k], single[k], rtol=1e-5, atol=ATOL.get(case, 2e-6), msg=f"{case}: {k}")
     # Control: without the all-reduce, rank 0's step on its half batch is measurably different.
     half = _one_step(case, x[: GLOBAL_BATCH // WORLD], y[: GLOBAL_BATCH // WORLD], ddp=False)
     assert max(float((half[k] - single[k]).abs().max()) for k in single) > 1e-3
