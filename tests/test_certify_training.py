@@ -117,6 +117,8 @@ def test_fit_trains_with_certified_methods(tmp_path, method: str) -> None:
     summary = fit(model, (x, y), test_data=(x[:60], y[:60]), out=tmp_path / method, method=method, threat=threat,
                   epochs=3, batch_size=50, optimizer=opt, progress=False)  # fmt: skip
     assert summary.test_acc is not None and summary.test_acc > 0.9
+    row = json.loads((tmp_path / method / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["train_acc_on"] == ("noisy batches" if method == "gaussian" else "clean batches")  # what the loss reports
     if method != "gaussian":
         assert certify(model, x[:60], y[:60], threat, "crown").verified_accuracy > 0.5
 

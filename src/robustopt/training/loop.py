@@ -60,6 +60,10 @@ class FitSummary:
         return asdict(self)
 
 
+# Which batch the logged training accuracy is measured on: the certified losses report their clean forward.
+ACC_ON = {"standard": "clean batches", "ibp": "clean batches", "crown-ibp": "clean batches", "gaussian": "noisy batches"}
+
+
 def stderr_log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -309,7 +313,7 @@ def _end_epoch(run: Run, seconds: float, lr: float) -> None:
         "epoch": prog.epoch + 1,
         "loss": loss_sum / max(seen, 1.0),
         "train_acc": correct / max(seen, 1.0),
-        "train_acc_on": "clean batches" if cfg.method == "standard" else "perturbed batches",
+        "train_acc_on": ACC_ON.get(cfg.method, "perturbed batches"),
         "test_acc": source_accuracy(run.record, run.test, run.device, info) if run.test is not None else None,
         "seconds": round(seconds, 3),
         "lr": lr,
