@@ -353,3 +353,30 @@ def test_robust_loss_refuses_inputs_outside_the_threat_bounds() -> None:
         robust_loss(model, x * 255, y, ThreatModel("linf", 0.1), "pgd")
     with pytest.raises(ConfigError, match="free"):
         robust_loss(model, x, y, ThreatModel("linf", 0.1), "free")
+
+
+class ModuleAttrNet(SmallNet):
+    """A user's net whose trunk happens to be named ``module``, as DDP names what it wraps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.module = self.features
+        del self.features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.module(x))
+
+
+def test_a_net_with_a_submodule_named_module_is_saved_whole_with_its_ema(data: dict, tmp_path: Path, one_thread: None) -> None:
+    """Only DDP, DataParallel and torch.compile are unwrapped: an attribute called ``module`` once made the saved
+    weights (model, checkpoint, EMA) those of that submodule alone, without the head."""
+    torch.manual_seed(0)
+    model = ModuleAttrNet()
+    x, y = data["train"][0][:200], data["train"][1][:200]
+    fit(model, (x, y), out=tmp_path, method="standard", epochs=1, batch_size=50, progress=False,
+        config=TrainConfig(ema_decay=0.9), log=lambda s: None)  # fmt: skip
+    saved = load_tensors(tmp_path / "model.safetensors")[0]
+    assert set(saved) == set(model.state_dict()) and any(k.startswith("head.") for k in saved)
+    ckpt = set(load_tensors(tmp_path / "checkpoint.safetensors")[0])
+    assert "model.head.weight" in ckpt and any(k.endswith("head.weight") and not k.startswith("model.") for k in ckpt)
+    torch.testing.assert_close(load_model(tmp_path, model=ModuleAttrNet()).head.weight, saved["head.weight"])

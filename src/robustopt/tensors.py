@@ -103,11 +103,13 @@ def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module under DDP and torch.compile wrappers."""
+    """The plain module under DistributedDataParallel, DataParallel and torch.compile wrappers (any nesting).
+
+    Only those wrappers: a user's net that merely has a submodule named ``module`` is returned whole."""
     while True:
-        if hasattr(model, "module"):
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             model = model.module
-        elif hasattr(model, "_orig_mod"):
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
             model = model._orig_mod
         else:
             return model

@@ -27,6 +27,7 @@ from torch import nn
 from robustopt.errors import ConfigError
 from robustopt.models.normalize import Normalize
 from robustopt.models.zoo import MLP, Normalized, PaperMNIST, SmallCNN
+from robustopt.tensors import unwrap
 
 Tensor = torch.Tensor
 
@@ -233,23 +234,12 @@ def build_graph(model: nn.Module, like: Tensor) -> Graph:
     Raises ConfigError naming the first layer the certifier does not support. A DDP, DataParallel or torch.compile
     wrapper is traced through: the module it wraps holds the same parameters, so the bounds' weight gradients reach
     the wrapper's gradient hooks (under DDP the clean forward through the wrapper has prepared them)."""
-    model = _wrapped(model)
+    model = unwrap(model)
     graph: Graph = [Node(None, (), tuple(like.shape[1:]))]
     out = _trace(model, graph, 0, type(model).__name__, like[:1].detach())
     if out != len(graph) - 1:  # the output is an earlier node (e.g. a model that is the identity)
         graph.append(Node(ReshapeOp(graph[out].shape, graph[out].shape), (out,), graph[out].shape))
     return graph
-
-
-def _wrapped(model: nn.Module) -> nn.Module:
-    """The module under DistributedDataParallel, DataParallel and torch.compile wrappers (any nesting)."""
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
-            model = model._orig_mod
-        else:
-            return model
 
 
 def _add(graph: Graph, op: object, inputs: tuple[int, ...], fn: Callable[[Tensor], Tensor], probe: Tensor) -> tuple[int, Tensor]:
