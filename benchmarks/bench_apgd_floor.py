@@ -25,7 +25,7 @@ import tempfile
 import time
 
 import torch
-from bench_pgd_throughput import get_model
+from bench_pgd_throughput import get_model, model_label
 from torch import nn
 
 from robustopt.data.datasets import load_dataset, to_float
@@ -48,9 +48,14 @@ class Counting(nn.Module):
         return self.net(x)
 
 
-def apgd_as_first_written(model, x, y, threat, steps, loss, generator):  # type: ignore[no-untyped-def]
-    """robustopt's APGD before issue 19 (one restart): a gradient at every iterate, recomputed after restarts."""
-    loss_fn, eps = get_loss(loss), threat.radii(x)
+def reference_apgd_run(model, x, y, threat, steps, loss_fn, generator) -> WorstCase:  # type: ignore[no-untyped-def]
+    """One run (one restart) of APGD as first written: the worst iterate per example, with its loss and whether it fools.
+
+    A forward and an input-gradient backward at every iterate, the last one included, and the
+    whole batch's gradient recomputed after every checkpoint at which an example restarts from its
+    best point. ``tests/test_speed_invariants.py`` checks ``apgd`` against this loop bit for bit.
+    """
+    eps = threat.radii(x)
 
     def grad_at(z):  # type: ignore[no-untyped-def]
         with torch.enable_grad():
@@ -62,33 +67,39 @@ def apgd_as_first_written(model, x, y, threat, steps, loss, generator):  # type:
         z = threat.project(x_k + eta.view(-1, 1, 1, 1) * threat.ascent_direction(grad, iterative=True), x, eps)
         return threat.project(x_k + a * (z - x_k) + (1 - a) * (x_k - x_prev), x, eps)
 
+    x_k = threat.random_init(x, generator, eps)
+    grad, logits = grad_at(x_k)
+    cur = loss_fn(logits, y)
+    best = WorstCase(x_k)
+    best.update(x_k, cur, logits.argmax(1) != y)
+    x_max, f_max, x_prev, eta = x_k.clone(), cur.clone(), x_k.clone(), 2 * eps
+    eta_at, fmax_at, ups, ckpts, last = eta.clone(), f_max.clone(), torch.zeros_like(cur), checkpoints(steps), 0
+    for k in range(steps):
+        x_new = step(x_k, x_prev, grad, eta, 1.0 if k == 0 else MOMENTUM)
+        grad, logits = grad_at(x_new)
+        new = loss_fn(logits, y)
+        best.update(x_new, new, logits.argmax(1) != y)
+        ups += (new > cur).float()
+        improved = new > f_max
+        x_max[improved], f_max = x_new[improved], torch.where(improved, new, f_max)
+        x_prev, x_k, cur = x_k, x_new, new
+        if k + 1 in ckpts:
+            stalled = (ups < RHO * (k + 1 - last)) | ((eta == eta_at) & (f_max == fmax_at))
+            eta_at, fmax_at = eta.clone(), f_max.clone()
+            eta = torch.where(stalled, eta / 2, eta)
+            if stalled.any():
+                x_k[stalled] = x_max[stalled]
+                grad = grad_at(x_k)[0]
+                cur = torch.where(stalled, f_max, cur)
+            ups.zero_()
+            last = k + 1
+    return best
+
+
+def apgd_as_first_written(model, x, y, threat, steps, loss, generator):  # type: ignore[no-untyped-def]
+    """robustopt's APGD before issue 19 (one restart): :func:`reference_apgd_run` with frozen weights, x where it fails."""
     with attack_state(model):
-        x_k = threat.random_init(x, generator, eps)
-        grad, logits = grad_at(x_k)
-        cur = loss_fn(logits, y)
-        best = WorstCase(x_k)
-        best.update(x_k, cur, logits.argmax(1) != y)
-        x_max, f_max, x_prev, eta = x_k.clone(), cur.clone(), x_k.clone(), 2 * eps
-        eta_at, fmax_at, ups, ckpts, last = eta.clone(), f_max.clone(), torch.zeros_like(cur), checkpoints(steps), 0
-        for k in range(steps):
-            x_new = step(x_k, x_prev, grad, eta, 1.0 if k == 0 else MOMENTUM)
-            grad, logits = grad_at(x_new)
-            new = loss_fn(logits, y)
-            best.update(x_new, new, logits.argmax(1) != y)
-            ups += (new > cur).float()
-            improved = new > f_max
-            x_max[improved], f_max = x_new[improved], torch.where(improved, new, f_max)
-            x_prev, x_k, cur = x_k, x_new, new
-            if k + 1 in ckpts:
-                stalled = (ups < RHO * (k + 1 - last)) | ((eta == eta_at) & (f_max == fmax_at))
-                eta_at, fmax_at = eta.clone(), f_max.clone()
-                eta = torch.where(stalled, eta / 2, eta)
-                if stalled.any():
-                    x_k[stalled] = x_max[stalled]
-                    grad = grad_at(x_k)[0]
-                    cur = torch.where(stalled, f_max, cur)
-                ups.zero_()
-                last = k + 1
+        best = reference_apgd_run(model, x, y, threat, steps, get_loss(loss), generator)
     final = WorstCase(x)
     final.update(best.x, best.loss, best.fooled)
     return final.x
@@ -121,7 +132,10 @@ def main() -> None:
     }
     print(f"# {datetime.date.today()}  {platform.machine()}  cpus={os.cpu_count()}  threads={torch.get_num_threads()}  ", end="")
     print(f"torch={torch.__version__}  load average {os.getloadavg()[0]:.2f}")
-    print(f"# paper-mnist, {len(y)} MNIST test images, APGD-{args.loss} linf eps={args.eps} steps={args.steps}, 1 restart")
+    print(
+        f"# {model_label(args.run)}, {len(y)} MNIST test images, "
+        f"APGD-{args.loss} linf eps={args.eps} steps={args.steps}, 1 restart"
+    )
     out, passes, times = {}, {}, {name: [] for name in runs}
     for name, run in runs.items():
         model.forwards = model.with_grad = 0

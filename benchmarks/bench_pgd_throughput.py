@@ -30,12 +30,14 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -128,6 +130,16 @@ def art_attack(model: nn.Module, eps: float, alpha: float, steps: int, shape: tu
     return lambda x, y: torch.from_numpy(atk.generate(x=x.numpy(), y=y.numpy()))
 
 
+def model_label(run: str | None) -> str:
+    """The architecture named in ``run``'s config.json (``paper-mnist`` for the net trained here), for the header."""
+    if not run:
+        return "paper-mnist"
+    try:
+        return str(json.loads((Path(run) / "config.json").read_text())["model"])
+    except (OSError, ValueError, KeyError):
+        return run
+
+
 def get_model(run: str | None, tmp: str) -> nn.Module:
     if run:
         return load_model(run)
@@ -168,7 +180,10 @@ def main() -> None:
             print(f"# skipping {name}: not importable ({e})")
     print(f"# {datetime.date.today()}  {platform.machine()}  cpus={os.cpu_count()}  threads={torch.get_num_threads()}  ", end="")
     print(f"torch={torch.__version__}  load average {os.getloadavg()[0]:.2f}")
-    print(f"# paper-mnist, {len(y)} MNIST test images in one batch, PGD linf eps={args.eps} alpha={alpha} steps={args.steps}")
+    print(
+        f"# {model_label(args.run)}, {len(y)} MNIST test images in one batch, "
+        f"PGD linf eps={args.eps} alpha={alpha} steps={args.steps}"
+    )
     times = timed(attacks, x, y, args.repeats)
     adv = {n: attacks[n](x, y) for n in attacks if n != "floor"}
     with torch.no_grad():

@@ -3,19 +3,23 @@
 * Forward and backward passes are counted by a wrapper module: PGD-k is k input-gradient passes and k + 1
   forwards (the last iterate needs its prediction), APGD-N is N and N + 1, the training inner loops add no
   forward to their own steps, TRADES shares its clean forward.
-* The results are bit-identical to references written the straightforward way here: a separate forward
-  for every iterate's loss, the gradient recomputed at every restart.
+* The results are bit-identical to references written the straightforward way: a separate forward for every
+  iterate's loss, the gradient recomputed at every restart (APGD's is ``benchmarks/bench_apgd_floor.py``'s
+  ``reference_apgd_run``, the one copy, which that benchmark also times).
 * Weights stay frozen during every attack: no parameter requires grad inside, no ``.grad`` after.
 """
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustopt.evaluation.attacks.apgd import MOMENTUM, RHO, apgd, apgd_targeted, checkpoints
+from robustopt.evaluation.attacks.apgd import apgd, apgd_targeted
 from robustopt.evaluation.attacks.autoattack import autoattack
 from robustopt.evaluation.attacks.losses import get_loss
 from robustopt.evaluation.attacks.pgd import pgd
@@ -24,6 +28,9 @@ from robustopt.threat.model import ThreatModel
 from robustopt.threat.perturb import WorstCase, cross_entropy, perturb
 from robustopt.training.adversarial import adversarial_examples, outer_loss
 from robustopt.training.objectives import make_objective, objective_loss
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from bench_apgd_floor import reference_apgd_run  # noqa: E402  (the benchmarks folder is not a package)
 
 THREATS = [ThreatModel("linf", 0.1), ThreatModel("l2", 1.5), ThreatModel("l1", 8.0)]
 
@@ -157,49 +164,6 @@ def test_linf_perturb_bit_identical_to_sign_and_clamp(net, batch):
     assert torch.equal(got, x_adv)
 
 
-def _reference_apgd_run(model, x, y, threat, steps, loss_fn, gen):
-    """APGD as first written: a forward per iterate for its loss, the gradient recomputed after every restart."""
-
-    def grad_at(z):
-        z = z.clone().requires_grad_(True)
-        logits = model(z)
-        return torch.autograd.grad(loss_fn(logits, y).sum(), z)[0], logits.detach()
-
-    eps = threat.radii(x)
-
-    def step(x_k, x_prev, grad, eta, a):
-        z = threat.project(x_k + eta.view(-1, 1, 1, 1) * threat.ascent_direction(grad, iterative=True), x, eps)
-        return threat.project(x_k + a * (z - x_k) + (1 - a) * (x_k - x_prev), x, eps)
-
-    x_k = threat.random_init(x, gen, eps)
-    grad, logits = grad_at(x_k)
-    loss = loss_fn(logits, y)
-    best = WorstCase(x_k)
-    best.update(x_k, loss, logits.argmax(1) != y)
-    x_max, f_max, x_prev, eta = x_k.clone(), loss.clone(), x_k.clone(), 2 * eps
-    eta_at, fmax_at, ups, ckpts, last = eta.clone(), f_max.clone(), torch.zeros_like(loss), checkpoints(steps), 0
-    for k in range(steps):
-        x_new = step(x_k, x_prev, grad, eta, 1.0 if k == 0 else MOMENTUM)
-        grad, logits = grad_at(x_new)
-        new_loss = loss_fn(logits, y)
-        best.update(x_new, new_loss, logits.argmax(1) != y)
-        ups += (new_loss > loss).float()
-        improved = new_loss > f_max
-        x_max[improved], f_max = x_new[improved], torch.where(improved, new_loss, f_max)
-        x_prev, x_k, loss = x_k, x_new, new_loss
-        if k + 1 in ckpts:
-            stalled = (ups < RHO * (k + 1 - last)) | ((eta == eta_at) & (f_max == fmax_at))
-            eta_at, fmax_at = eta.clone(), f_max.clone()
-            eta = torch.where(stalled, eta / 2, eta)
-            if stalled.any():
-                x_k[stalled] = x_max[stalled]
-                grad = grad_at(x_k)[0]
-                loss = torch.where(stalled, f_max, loss)
-            ups.zero_()
-            last = k + 1
-    return best
-
-
 @pytest.mark.parametrize("threat", THREATS, ids=lambda t: t.norm)
 @pytest.mark.parametrize("loss", ["ce", "dlr"])
 def test_apgd_bit_identical_to_plain_loop(net, batch, threat, loss):
@@ -210,7 +174,7 @@ def test_apgd_bit_identical_to_plain_loop(net, batch, threat, loss):
         p.requires_grad_(False)
     try:
         for _ in range(2):
-            run = _reference_apgd_run(model, x, y, threat, 12, get_loss(loss), gen)
+            run = reference_apgd_run(model, x, y, threat, 12, get_loss(loss), gen)
             overall.update(run.x, run.loss, run.fooled)
     finally:
         for p in model.parameters():
