@@ -14,9 +14,7 @@ def _candidates(x: torch.Tensor, pad: int) -> torch.Tensor:
     """Every crop and mirrored crop of the zero-padded batch: (2, 2p+1, 2p+1, B, C, H, W)."""
     _, _, h, w = x.shape
     p = F.pad(x, (pad, pad, pad, pad))
-    crops = torch.stack(
-        [torch.stack([p[:, :, a : a + h, b : b + w] for b in range(2 * pad + 1)]) for a in range(2 * pad + 1)]
-    )
+    crops = torch.stack([torch.stack([p[:, :, a : a + h, b : b + w] for b in range(2 * pad + 1)]) for a in range(2 * pad + 1)])
     return torch.stack([crops, crops.flip(-1)])
 
 

@@ -57,7 +57,7 @@ def test_fab_t_finds_the_exact_minimal_perturbation_of_a_linear_model(norm):
     exact = (z[:, 1] - z[:, 0]).abs() / torch.linalg.vector_norm(w, ord=DUAL[norm])
     assert bool((predict(model, best) != y).all())
     assert bool((dist >= exact * (1 - 1e-9)).all())  # nothing closer exists
-    assert bool((dist <= exact * 1.01).all()), (dist / exact)  # and FAB gets within 1% (η = 1.05, β = 0.9)
+    assert bool((dist <= exact * 1.01).all()), dist / exact  # and FAB gets within 1% (η = 1.05, β = 0.9)
 
 
 def _tiny_conv() -> nn.Module:

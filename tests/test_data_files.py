@@ -341,8 +341,10 @@ def test_cifar100_is_registered_for_download_with_its_published_md5() -> None:
 
 def _user_arrays(x_shape: tuple[int, ...], k: int = 5, dtype: type = np.uint8, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    make = (lambda n: rng.integers(0, 256, (n, *x_shape), dtype=np.uint8)) if dtype == np.uint8 else (
-        lambda n: rng.random((n, *x_shape)).astype(dtype)
+    make = (
+        (lambda n: rng.integers(0, 256, (n, *x_shape), dtype=np.uint8))
+        if dtype == np.uint8
+        else (lambda n: rng.random((n, *x_shape)).astype(dtype))
     )
     return {
         "x_train": make(40),

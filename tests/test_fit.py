@@ -89,7 +89,15 @@ def test_every_method_steps_a_batchnorm_net(method: str, alpha: float | None, tm
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 14 * 14, 5))
     x, y = make_data(64, 3)
     fit(
-        net, (x, y), THREAT, out=tmp_path, method=method, epochs=1, batch_size=32, steps=2, config=TrainConfig(alpha=alpha),
+        net,
+        (x, y),
+        THREAT,
+        out=tmp_path,
+        method=method,
+        epochs=1,
+        batch_size=32,
+        steps=2,
+        config=TrainConfig(alpha=alpha),
         log=lambda s: None,
     )
     assert int(net[1].num_batches_tracked) > 0
@@ -341,8 +349,15 @@ def test_tensorboard_without_the_package_is_a_clear_error_before_any_file(
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as if tensorboard were not installed
     x, y = make_data(32, 0)
     with pytest.raises(ConfigError, match="pip install tensorboard"):
-        fit(SmallNet(), (x, y), out=tmp_path / "run", method="standard", epochs=1, config=TrainConfig(tensorboard=True),
-            log=lambda s: None)
+        fit(
+            SmallNet(),
+            (x, y),
+            out=tmp_path / "run",
+            method="standard",
+            epochs=1,
+            config=TrainConfig(tensorboard=True),
+            log=lambda s: None,
+        )
     assert not (tmp_path / "run").exists()
 
 

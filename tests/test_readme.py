@@ -21,6 +21,13 @@ def test_the_readme_has_python_blocks() -> None:
     assert len(python_blocks(README.read_text())) >= 3
 
 
+def test_the_readmes_test_command_is_what_ci_runs() -> None:
+    """The README promises that its second command is exactly what CI runs: .ci/run's command line, verbatim."""
+    ci = (README.parent / ".ci" / "run").read_text()
+    command = next(line for line in ci.splitlines() if line.startswith(".venv/bin/pip install"))
+    assert f"python3 -m venv .venv && {command}" in README.read_text()
+
+
 @pytest.mark.slow
 def test_every_python_block_of_the_readme_runs_as_written(tmp_path: Path) -> None:
     script = "\n\n".join(python_blocks(README.read_text()))

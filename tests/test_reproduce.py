@@ -306,7 +306,7 @@ def test_seed_spread_widens_the_noise_band() -> None:
 )
 def test_whole_schedule_is_validated_before_anything_trains(tmp_path: Path, bad: str) -> None:
     cfg = tmp_path / "bad.toml"
-    cfg.write_text(("radii = {linf = 0.2}\nnets = [\"baseline\", \"robust-linf\"]\n" if "l1" in bad else "") + bad + "\n")
+    cfg.write_text(('radii = {linf = 0.2}\nnets = ["baseline", "robust-linf"]\n' if "l1" in bad else "") + bad + "\n")
     with pytest.raises(ConfigError):
         load_schedule("mnist", "full", cfg)
 

@@ -142,8 +142,10 @@ def backward_bound(graph: Graph, start: int, spec: Tensor, boxes: list[Box], inp
             continue
         op, inputs = graph[i].op, graph[i].inputs
         if isinstance(op, MaxPoolOp):
-            raise ConfigError("certify: MaxPool2d is supported by interval bounds only; use IBP (method 'ibp': --method ibp "
-                              "to train, --certify ibp or --method ibp to certify)")
+            raise ConfigError(
+                "certify: MaxPool2d is supported by interval bounds only; use IBP (method 'ibp': --method ibp "
+                "to train, --certify ibp or --method ibp to certify)"
+            )
         if isinstance(op, ReluOp):
             a, c = _relax_relu(a, *boxes[inputs[0]], slope)
             const = const + c

@@ -220,8 +220,13 @@ def run_checks(
         "zero_gradients": _zero_gradients(m["grad"], tol),
     }  # fmt: skip
     if transfer is not None:
-        checks["whitebox_vs_transfer"] = _pair("white-box vs transfer accuracy", white, transfer,
-                                               whitebox=float(white.float().mean()), transfer=float(transfer.float().mean()))
+        checks["whitebox_vs_transfer"] = _pair(
+            "white-box vs transfer accuracy",
+            white,
+            transfer,
+            whitebox=float(white.float().mean()),
+            transfer=float(transfer.float().mean()),
+        )
     for c in checks.values():
         c["tolerance"] = tol
         c["n"] = len(y)
@@ -234,7 +239,12 @@ def _pair(message: str, should_be_lower: Tensor, other: Tensor, **accuracies: fl
 
 
 def _masks(
-    model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, evaluated: Tensor | None, plan: CheckPlan,
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    threat: ThreatModel,
+    evaluated: Tensor | None,
+    plan: CheckPlan,
     generator: torch.Generator | None,
 ) -> dict[str, Any]:
     """The robust masks (B,) the checks compare: single step, PGD (fewer / more steps), PGD at the box's
@@ -306,8 +316,9 @@ def output_checks(model: nn.Module, x: Tensor, atol: float = 1e-5) -> dict[str, 
     return {
         "finite": _check(finite, "every output is a finite number", nonfinite=0 if finite else int((~torch.isfinite(raw)).sum())),
         "randomness": _check(diff <= atol * max(1.0, float(a.abs().max())), "two forward passes agree", max_difference=diff),
-        "logits": _check(not probs, "outputs are logits, not probabilities", row_sum_min=float(a.sum(1).min()),
-                         min_output=float(a.min())),  # fmt: skip
+        "logits": _check(
+            not probs, "outputs are logits, not probabilities", row_sum_min=float(a.sum(1).min()), min_output=float(a.min())
+        ),  # fmt: skip
     }
 
 

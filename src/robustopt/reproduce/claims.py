@@ -154,8 +154,7 @@ def claim_transfer(name: str, nets: dict[str, Any], sets: dict[str, Any]) -> dic
     wins, losses = sum(c > 0 for c in cmp.values()), sum(c < 0 for c in cmp.values())
     not_beaten = [
         f"{transfer_label(sets[k])}: {cell(nets[name], 'eval', 'transfer', k)}% vs baseline "
-        f"{cell(nets[baseline_of(name)], 'eval', 'transfer', k)}%"
-        + (" (lower)" if c < 0 else " (within noise)")
+        f"{cell(nets[baseline_of(name)], 'eval', 'transfer', k)}%" + (" (lower)" if c < 0 else " (within noise)")
         for k, c in cmp.items()
         if c <= 0
     ]

@@ -263,9 +263,7 @@ def reproduce(
     trained = [train_all(r, out, data_dir=data_dir, device=device, progress=progress, log=log, suffix=x) for r, x in replicas]
     t_train = time.monotonic() - t0
     fresh_evals: list[str] = []
-    evals = [
-        evaluate_all(r, out, data, dev, progress=progress, log=log, fresh=fresh_evals, suffix=x) for r, x in replicas
-    ]
+    evals = [evaluate_all(r, out, data, dev, progress=progress, log=log, fresh=fresh_evals, suffix=x) for r, x in replicas]
     results = report.assemble(
         schedule,
         [(r.seed, info, ev) for (r, _), info, ev in zip(replicas, trained, evals, strict=True)],

@@ -298,7 +298,13 @@ def _check_arguments(model: nn.Module, x: Tensor, threat: ThreatModel, steps: in
 
 
 def ascend(
-    threat: ThreatModel, x_adv: Tensor, x: Tensor, grad: Tensor, step_size: float | Tensor, *, iterative: bool,
+    threat: ThreatModel,
+    x_adv: Tensor,
+    x: Tensor,
+    grad: Tensor,
+    step_size: float | Tensor,
+    *,
+    iterative: bool,
     radius: Tensor | None = None,
 ) -> Tensor:
     """One projected steepest-ascent step: ``Π_{S(x)}(x_adv + α·d(g))``; all shapes (B, ...).

@@ -246,9 +246,7 @@ def _checkpoint(run: Run) -> None:
         run.ctx.state.update(run.ema.state())
         run.prog.extra["ema_updates"] = run.ema.updates
     if run.info.is_main:
-        save_checkpoint(
-            run.out / CHECKPOINT, run.model, run.ctx.optimizer, run.ctx.generator, run.ctx.state, run.prog, run.keys
-        )
+        save_checkpoint(run.out / CHECKPOINT, run.model, run.ctx.optimizer, run.ctx.generator, run.ctx.state, run.prog, run.keys)
 
 
 def _train_epoch(run: Run) -> None:

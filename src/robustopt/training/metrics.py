@@ -56,9 +56,7 @@ def pgd_accuracy(
     return correct / max(seen, 1.0)
 
 
-def guard_accuracy(
-    model: nn.Module, threat: ThreatModel, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
-) -> float:
+def guard_accuracy(model: nn.Module, threat: ThreatModel, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> float:
     """PGD-10 accuracy on held-out training examples: Wong et al.'s catastrophic-overfitting check.
 
     x (N, ...) floats on the model's device, y (N,). The mean over ranks: random starts differ per

@@ -257,7 +257,13 @@ def objective_step(ctx: StepContext, x: Tensor, y: Tensor) -> tuple[float, Tenso
     """One optimiser step on the objective. Returns (loss, logits of the batch the accuracy is on)."""
     with ctx.autocast():
         loss, logits = objective_loss(
-            ctx.objective, ctx.model, x, y, ctx.threat, generator=ctx.generator, attack_model=ctx.attack_model,
+            ctx.objective,
+            ctx.model,
+            x,
+            y,
+            ctx.threat,
+            generator=ctx.generator,
+            attack_model=ctx.attack_model,
             progress=ctx.progress,
         )
     update(ctx, loss)

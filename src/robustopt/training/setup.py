@@ -245,7 +245,13 @@ def context_for(
     """The step context of ``cfg``: its objective, AMP mode and options, wired to the given modules."""
     step_size = cfg.step_size if cfg.step_size is not None else (threat.eps if cfg.method == "free" else None)
     objective = make_objective(
-        cfg.method, threat, alpha=cfg.alpha, beta=cfg.beta, steps=cfg.steps, step_size=step_size, sigma=cfg.sigma,
+        cfg.method,
+        threat,
+        alpha=cfg.alpha,
+        beta=cfg.beta,
+        steps=cfg.steps,
+        step_size=step_size,
+        sigma=cfg.sigma,
         label_smoothing=cfg.label_smoothing,
     )
     amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]
