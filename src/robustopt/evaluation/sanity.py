@@ -318,7 +318,7 @@ def output_checks(model: nn.Module, x: Tensor, atol: float = 1e-5) -> dict[str, 
         "randomness": _check(diff <= atol * max(1.0, float(a.abs().max())), "two forward passes agree", max_difference=diff),
         "logits": _check(
             not probs, "outputs are logits, not probabilities", row_sum_min=float(a.sum(1).min()), min_output=float(a.min())
-        ),  # fmt: skip
+        ),
     }
 
 

@@ -218,7 +218,7 @@ COMMON_PARAMETERS = {
             help="Skip the first N test images: with --subset M, images [N, N+M) are evaluated, so "
             "processes can split a test set and add their counts.",
         ),
-    ),  # fmt: skip
+    ),
     "batch_size": (int, _opt(500, min=1, help="Examples per attack batch.")),
     "source": (str | None, _opt(None, "--source", help="Build the examples on this run's model (transfer).")),
     "partial": (Path | None, _opt(None, "--partial", help="Save partial results here and continue from them.")),
@@ -230,7 +230,7 @@ COMMON_PARAMETERS = {
             help="ibp | crown-ibp | crown: also certify, and print the verified "
             "accuracy (a lower bound) beside the attacked one (an upper bound) and the gap.",
         ),
-    ),  # fmt: skip
+    ),
     "sanity": (str, _opt("light", "--sanity", help="light (about a quarter of the attack's cost) | full | off")),
     "no_sanity": (bool, _opt(False, "--no-sanity", help="Skip the gradient-masking sanity checks.")),
     "as_json": (bool, _opt(False, "--json", help="Print one JSON object on stdout.")),
@@ -239,7 +239,7 @@ COMMON_PARAMETERS = {
         _opt(
             None, "--robustbench-json", help="With --attack autoattack: write RobustBench's model-card fields to this JSON file."
         ),
-    ),  # fmt: skip
+    ),
     "model_spec": (str | None, _opt(None, "--model", help="package.module:factory building the architecture.")),
     "model_kwargs": (str | None, _opt(None, "--model-kwargs", help="With --model: the factory's keyword arguments, JSON.")),
     "weights": (
@@ -249,7 +249,7 @@ COMMON_PARAMETERS = {
             "--weights",
             help="With --model: .safetensors, or a .pt/.pth state dict (read with torch.load(weights_only=True))",
         ),
-    ),  # fmt: skip
+    ),
     "dataset": (str | None, _opt(None, "--dataset", help="With --model: mnist | fashion-mnist | cifar10 | cifar100.")),
     "data": (Path | None, _opt(None, "--data", help="With --model: a data set file (.npz) or folder.")),
     "data_dir": (Path | None, _opt(None, "--data-dir", help="Where to look for datasets first.")),

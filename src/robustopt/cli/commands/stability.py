@@ -19,7 +19,7 @@ def stability_command(
     compare: list[str] = typer.Option([], "--compare", help="Other run directories to measure and overlay."),
     out: Path | None = typer.Option(
         None, "--out", help="Histogram PNG  [default: RUN_DIR/stability_<norm>_<method>.png, or ./ for pretrained:NAME]"
-    ),  # fmt: skip
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
     data_dir: Path | None = typer.Option(None, "--data-dir", help="Where to look for datasets first."),
     trust_code: bool = typer.Option(False, "--trust-code", help="Allow running the package.module:factory a run names."),
