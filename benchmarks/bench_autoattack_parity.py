@@ -6,7 +6,8 @@ Run by hand in a private venv that holds the peers (see benchmarks/README.md; ne
         --images 100 --threads 1 [--tools robustopt,reference,torchattacks-100] [--repeats 3] [--device cuda]
 
 For each ``RUN@EPS`` (a run directory or ``pretrained:NAME``, and an ℓ∞ radius) it runs, on the first
-``--images`` MNIST test images, one after the other in one process and in rotating order over ``--repeats``:
+``--images`` test images of the dataset the run was trained on (its ``config.json``; ``--data-dir`` says where
+CIFAR-10 lives), one after the other in one process and in rotating order over ``--repeats``:
 
 * ``robustopt``: ``autoattack`` version "standard" (APGD-CE, APGD-T, FAB-T: 100 iterations, 9 targets;
   Square: 5000 queries), exactly as ``evaluate --attack autoattack --no-sanity`` runs it, with a timer
@@ -42,7 +43,9 @@ from torch import nn
 from robustopt.data.datasets import load_dataset, to_float
 from robustopt.evaluation.attacks._common import cascade
 from robustopt.evaluation.attacks.autoattack import STANDARD, standard_components
+from robustopt.files import read_json
 from robustopt.loading import load_model
+from robustopt.pretrained import resolve_run
 from robustopt.threat.model import ThreatModel
 from robustopt.threat.perturb import attack_state
 
@@ -188,6 +191,12 @@ def compare(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, name
     return out
 
 
+def test_images(run_dir: str, n: int, data_dir: str | None, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``n`` test images, in [0, 1], of the dataset the run was trained on (as ``evaluate`` picks it)."""
+    data = load_dataset(read_json(resolve_run(run_dir) / "config.json").get("dataset", "mnist"), data_dir)
+    return to_float(data.x_test[:n]).to(device), data.y_test[:n].to(device)
+
+
 def sync(x: torch.Tensor) -> None:
     if x.is_cuda:
         torch.cuda.synchronize()
@@ -218,20 +227,20 @@ def main() -> None:
     p.add_argument("--images", type=int, default=1000)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--data-dir", default=None, help="where CIFAR-10 lives (MNIST is bundled)")
     p.add_argument("--tools", default="robustopt,reference", help=f"comma-separated, of {', '.join(TOOLS)}")
     p.add_argument("--repeats", type=int, default=1, help="runs per tool, in rotating order; the median time is reported")
     p.add_argument("--json", help="also write the figures here")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    data = load_dataset("mnist")
-    x, y = to_float(data.x_test[: args.images]).to(args.device), data.y_test[: args.images].to(args.device)
     dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or platform.machine()
     print(f"# {datetime.date.today()} device={dev} threads={torch.get_num_threads()} torch={torch.__version__}")
     figures = {}
     for spec in args.run:
         run_dir, _, eps = spec.rpartition("@")
         model = load_model(run_dir, args.device)
+        x, y = test_images(run_dir, args.images, args.data_dir, args.device)
         names = available(["robustopt"] + [t for t in args.tools.split(",") if t != "robustopt"])
         res = compare(model, x, y, float(eps), names, args.repeats)
         figures[spec] = report(run_dir, float(eps), res, len(y))

@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import importlib
+import math
 import sys
 from pathlib import Path
 
@@ -31,6 +33,9 @@ from robustopt.training.objectives import make_objective, objective_loss
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from bench_apgd_floor import reference_apgd_run  # noqa: E402  (the benchmarks folder is not a package)
+
+# the module (robustopt.evaluation.attacks re-exports its function under the same name)
+square_mod = importlib.import_module("robustopt.evaluation.attacks.square")
 
 THREATS = [ThreatModel("linf", 0.1), ThreatModel("l2", 1.5), ThreatModel("l1", 8.0)]
 
@@ -225,3 +230,32 @@ def test_no_weight_gradients(net, batch, attack):
     attack(net, x, y, THREATS[0])
     assert net.counts["forward"] > 0 and net.counts["weights_live"] == 0
     assert all(p.grad is None and p.requires_grad for p in net.parameters())
+
+
+def _blended_proposal(threat: ThreatModel, x, x_adv, e, p, generator):
+    """Square's proposal written the straightforward way: a float window mask, its norm taken row by row, a blend."""
+    a, c, h, w = x.shape
+    mask = square_mod._windows(a, h, w, square_mod.window_sides(p, h, w), generator, x.device).expand(-1, c, -1, -1).float()
+    v = e / threat.norm_of(mask)[:, None, None, None]
+    proposal = (x_adv - x) * (1 - mask) + mask * square_mod._signs((a, c, 1, 1), generator, x.device) * v
+    return threat.project(x + proposal, x, e.view(-1))
+
+
+@pytest.mark.parametrize("threat", THREATS, ids=lambda t: t.norm)
+@pytest.mark.parametrize("shape", [(6, 3, 12, 12), (6, 1, 7, 9), (6, 20)], ids=["rgb", "non-square", "flat"])
+@pytest.mark.parametrize("per_example_radius", [False, True])
+def test_square_bit_identical_to_blended_proposal(threat, shape, per_example_radius, monkeypatch):
+    """Square's window applied with ``where`` and one norm per query gives the bits of the float-mask blend."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(math.prod(shape[1:]), 10))
+    x, y = torch.rand(shape), torch.randint(0, 10, (shape[0],))
+    radius = torch.rand(shape[0]) * threat.eps if per_example_radius else None
+
+    def run():
+        return square_mod.square(net, x, y, threat, steps=150, generator=torch.Generator().manual_seed(1), radius=radius)
+
+    ours = run()
+    monkeypatch.setattr(square_mod, "_proposal", _blended_proposal)
+    blended = run()
+    assert torch.equal(ours, blended)
+    assert (ours != x).any()  # proposals were accepted, so the comparison covers the update path

@@ -82,11 +82,17 @@ def _windows(n: int, h: int, w: int, sides: tuple[int, int], generator: torch.Ge
 
 
 def _proposal(threat: ThreatModel, x: Tensor, x_adv: Tensor, e: Tensor, p: float, generator) -> Tensor:
-    """One random-window proposal per row of x (A, C, H, W), projected onto each row's ball ∩ box."""
+    """One random-window proposal per row of x (A, C, H, W), projected onto each row's ball ∩ box.
+
+    Every row's window has the same sides, so ‖1_window‖_p is one number, taken from the first row's window: a
+    norm over all A rows was 7% of Square's time on a small CIFAR-10 net. The window is then applied with a
+    ``where`` on the boolean mask; both give the same bits as blending with a float mask,
+    ``δ·(1 − m) + m·(±v)``, whose products by 0 and 1 are exact (δ is never −0: x_adv − x is +0 where equal).
+    """
     a, c, h, w = x.shape
-    mask = _windows(a, h, w, window_sides(p, h, w), generator, x.device).expand(-1, c, -1, -1).to(x.dtype)
-    v = e / threat.norm_of(mask)[:, None, None, None]
-    proposal = (x_adv - x) * (1 - mask) + mask * _signs((a, c, 1, 1), generator, x.device) * v
+    window = _windows(a, h, w, window_sides(p, h, w), generator, x.device)  # (A, 1, H, W) bool
+    v = e / threat.norm_of(window[:1].expand(-1, c, -1, -1).to(x.dtype))[0]
+    proposal = torch.where(window, _signs((a, c, 1, 1), generator, x.device) * v, x_adv - x)
     return threat.project(x + proposal, x, e.view(-1))
 
 
