@@ -3,16 +3,16 @@
 Run by hand in a private venv that holds the peers (see benchmarks/README.md; never robustopt dependencies)::
 
     /tmp/aavenv/bin/python benchmarks/bench_autoattack_parity.py --run pretrained:mnist-linf-0.3@0.3 \
-        --images 100 --threads 1 [--tools robustopt,reference,torchattacks-100] [--repeats 3] [--device cuda]
+        --images 100 --threads 1 [--tools robustopt,reference,torchattacks-100] [--repeats 3] [--norm l2] [--device cuda]
 
-For each ``RUN@EPS`` (a run directory or ``pretrained:NAME``, and an ℓ∞ radius) it runs, on the first
+For each ``RUN@EPS`` (a run directory or ``pretrained:NAME``, and a radius of the ``--norm``, linf or l2) it runs, on the first
 ``--images`` test images of the dataset the run was trained on (its ``config.json``; ``--data-dir`` says where
 CIFAR-10 lives), one after the other in one process and in rotating order over ``--repeats``:
 
 * ``robustopt``: ``autoattack`` version "standard" (APGD-CE, APGD-T, FAB-T: 100 iterations, 9 targets;
   Square: 5000 queries), exactly as ``evaluate --attack autoattack --no-sanity`` runs it, with a timer
   around each component;
-* ``reference``: fra31/auto-attack's ``AutoAttack(norm="Linf", version="standard", seed=0)``,
+* ``reference``: fra31/auto-attack's ``AutoAttack(norm="Linf" or "L2", version="standard", seed=0)``,
   ``run_standard_evaluation(x, y, bs=250)`` (its default batch), with its per-component robust counts
   and times read through its ``EvaluationState``;
 * ``torchattacks``: ``torchattacks.AutoAttack(version="standard", seed=0)`` as shipped; its APGD, APGD-T
@@ -49,6 +49,7 @@ from robustopt.pretrained import resolve_run
 from robustopt.threat.model import ThreatModel
 from robustopt.threat.perturb import attack_state
 
+PEER_NORM = {"linf": "Linf", "l2": "L2"}  # the peers' names for the norms their standard versions cover
 Cascade = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, int]]]
 
 
@@ -68,23 +69,23 @@ def _timed(name: str, attack: Callable, seconds: dict[str, float]) -> Callable:
     return run
 
 
-def robustopt_cascade(model: nn.Module, eps: float) -> Cascade:
+def robustopt_cascade(model: nn.Module, threat: ThreatModel) -> Cascade:
     """robustopt's ``autoattack`` exactly as it runs, with a timer around each component."""
 
     def run(x, y):
         stats: dict[str, int] = {}
         seconds: dict[str, float] = {}
-        comps = standard_components("linf", **{k: STANDARD[k] for k in ("steps", "n_targets", "queries", "seed")},
+        comps = standard_components(threat.norm, **{k: STANDARD[k] for k in ("steps", "n_targets", "queries", "seed")},
                                     device=x.device)  # fmt: skip
         with attack_state(model, "autoattack"):
-            x_adv = cascade(model, x, y, ThreatModel("linf", eps), [(n, _timed(n, a, seconds)) for n, a in comps], stats)
+            x_adv = cascade(model, x, y, threat, [(n, _timed(n, a, seconds)) for n, a in comps], stats)
         stats.update({f"{n} s": round(v, 1) for n, v in seconds.items()})
         return x_adv, stats
 
     return run
 
 
-def reference_cascade(model: nn.Module, eps: float) -> Cascade:
+def reference_cascade(model: nn.Module, threat: ThreatModel) -> Cascade:
     """The reference AutoAttack (fra31/auto-attack), version "standard", seed 0, batches of 250 (its default).
 
     Installed from its public source into the benchmark's private venv; never a robustopt dependency.
@@ -95,7 +96,7 @@ def reference_cascade(model: nn.Module, eps: float) -> Cascade:
     from autoattack import autoattack as aa_module
 
     def run(x, y):
-        adversary = autoattack.AutoAttack(model, norm="Linf", eps=eps, version="standard", seed=0,
+        adversary = autoattack.AutoAttack(model, norm=PEER_NORM[threat.norm], eps=threat.eps, version="standard", seed=0,
                                           verbose=False, device=str(x.device))  # fmt: skip
         stats: dict[str, int] = {"clean": int(_correct(model, x, y).sum())}
         state_cls, last = aa_module.EvaluationState, [time.perf_counter()]
@@ -118,19 +119,21 @@ def reference_cascade(model: nn.Module, eps: float) -> Cascade:
     return run
 
 
-def torchattacks_cascade(model: nn.Module, eps: float, steps: int | None) -> Cascade:
+def torchattacks_cascade(model: nn.Module, threat: ThreatModel, steps: int | None) -> Cascade:
     """torchattacks' standard components; ``steps=None`` keeps them as ``AutoAttack`` builds them."""
     import torchattacks
 
+    norm, eps = PEER_NORM[threat.norm], threat.eps
+
     if steps is None:
-        shipped = torchattacks.AutoAttack(model, norm="Linf", eps=eps, version="standard", n_classes=10, seed=0)
+        shipped = torchattacks.AutoAttack(model, norm=norm, eps=eps, version="standard", n_classes=10, seed=0)
         attacks = shipped._autoattack.attacks
     else:
         attacks = [
-            torchattacks.APGD(model, norm="Linf", eps=eps, steps=steps, n_restarts=1, loss="ce", seed=0),
-            torchattacks.APGDT(model, norm="Linf", eps=eps, steps=steps, n_restarts=1, n_classes=10, seed=0),
-            torchattacks.FAB(model, norm="Linf", eps=eps, steps=steps, n_restarts=1, multi_targeted=True, n_classes=10, seed=0),
-            torchattacks.Square(model, norm="Linf", eps=eps, n_queries=5000, n_restarts=1, seed=0),
+            torchattacks.APGD(model, norm=norm, eps=eps, steps=steps, n_restarts=1, loss="ce", seed=0),
+            torchattacks.APGDT(model, norm=norm, eps=eps, steps=steps, n_restarts=1, n_classes=10, seed=0),
+            torchattacks.FAB(model, norm=norm, eps=eps, steps=steps, n_restarts=1, multi_targeted=True, n_classes=10, seed=0),
+            torchattacks.Square(model, norm=norm, eps=eps, n_queries=5000, n_restarts=1, seed=0),
         ]
     names = ["apgd-ce", "apgd-t", "fab-t", "square"]
 
@@ -153,8 +156,8 @@ def torchattacks_cascade(model: nn.Module, eps: float, steps: int | None) -> Cas
 TOOLS = {
     "robustopt": robustopt_cascade,
     "reference": reference_cascade,
-    "torchattacks": lambda model, eps: torchattacks_cascade(model, eps, None),
-    "torchattacks-100": lambda model, eps: torchattacks_cascade(model, eps, 100),
+    "torchattacks": lambda model, threat: torchattacks_cascade(model, threat, None),
+    "torchattacks-100": lambda model, threat: torchattacks_cascade(model, threat, 100),
 }
 
 
@@ -172,21 +175,21 @@ def available(names: list[str]) -> list[str]:
     return found
 
 
-def compare(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, names: list[str], repeats: int) -> dict:
+def compare(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel, names: list[str], repeats: int) -> dict:
     """Each tool ``repeats`` times, in rotating order; the last run's outputs and every run's wall time."""
     out: dict[str, dict] = {}
     for r in range(repeats):
         for name in names[r % len(names) :] + names[: r % len(names)]:
             sync(x)
             t = time.perf_counter()
-            x_adv, stats = TOOLS[name](model, eps)(x, y)
+            x_adv, stats = TOOLS[name](model, threat)(x, y)
             sync(x)
             seconds = time.perf_counter() - t
-            delta = (x_adv - x).flatten(1).abs().amax(1)
-            robust = _correct(model, x_adv, y) & _correct(model, x, y) & (delta <= eps + 1e-6)
+            delta = threat.norm_of(x_adv - x)
+            robust = _correct(model, x_adv, y) & _correct(model, x, y) & (delta <= threat.eps + 1e-6 * max(1.0, threat.eps))
             runs = out.get(name, {}).get("runs", []) + [seconds]
             out[name] = {"seconds": statistics.median(runs), "runs": runs, "stats": stats, "robust": robust,
-                         "max_linf": float(delta.max())}  # fmt: skip
+                         "max_norm": float(delta.max())}  # fmt: skip
             print(f"# {name} run {r + 1}: {seconds:.1f} s, {int(robust.sum())} robust, {stats}", flush=True)
     return out
 
@@ -202,10 +205,10 @@ def sync(x: torch.Tensor) -> None:
         torch.cuda.synchronize()
 
 
-def report(label: str, eps: float, res: dict[str, dict], n: int) -> dict:
+def report(label: str, threat: ThreatModel, res: dict[str, dict], n: int) -> dict:
     ours = res["robustopt"]["robust"]
     base = res["robustopt"]["seconds"]
-    print(f"\n## {label}, linf eps={eps}, {n} images")
+    print(f"\n## {label}, {threat.norm} eps={threat.eps}, {n} images")
     print(f"{'tool':<18}{'robust %':>9}{'clean':>7}{'apgd-ce':>9}{'apgd-t':>8}{'fab-t':>7}{'square':>8}{'seconds':>9}"
           f"{'agree %':>9}{'ours only':>10}{'theirs only':>12}{'ours ÷ theirs':>15}")  # fmt: skip
     rows = {}
@@ -217,7 +220,7 @@ def report(label: str, eps: float, res: dict[str, dict], n: int) -> dict:
         print(f"{name:<18}{acc:>9.1f}{s['clean']:>7}{s['apgd-ce']:>9}{s['apgd-t']:>8}{s['fab-t']:>7}{s['square']:>8}"
               f"{r['seconds']:>9.1f}{agree:>9.1f}{ours_only:>10}{theirs_only:>12}{base / r['seconds']:>15.3f}")  # fmt: skip
         rows[name] = {"robust_accuracy": acc, "components": s, "seconds": r["seconds"], "runs": r["runs"], "agreement": agree,
-                      "ours_only": ours_only, "theirs_only": theirs_only, "max_linf": r["max_linf"]}  # fmt: skip
+                      "ours_only": ours_only, "theirs_only": theirs_only, "max_norm": r["max_norm"]}  # fmt: skip
     return rows
 
 
@@ -227,6 +230,7 @@ def main() -> None:
     p.add_argument("--images", type=int, default=1000)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--norm", default="linf", choices=sorted(PEER_NORM), help="the threat's norm (version standard of both)")
     p.add_argument("--data-dir", default=None, help="where CIFAR-10 lives (MNIST is bundled)")
     p.add_argument("--tools", default="robustopt,reference", help=f"comma-separated, of {', '.join(TOOLS)}")
     p.add_argument("--repeats", type=int, default=1, help="runs per tool, in rotating order; the median time is reported")
@@ -242,8 +246,9 @@ def main() -> None:
         model = load_model(run_dir, args.device)
         x, y = test_images(run_dir, args.images, args.data_dir, args.device)
         names = available(["robustopt"] + [t for t in args.tools.split(",") if t != "robustopt"])
-        res = compare(model, x, y, float(eps), names, args.repeats)
-        figures[spec] = report(run_dir, float(eps), res, len(y))
+        threat = ThreatModel(args.norm, float(eps))
+        res = compare(model, x, y, threat, names, args.repeats)
+        figures[spec] = report(run_dir, threat, res, len(y))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(figures, f, indent=2)
