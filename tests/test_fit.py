@@ -395,3 +395,46 @@ def test_a_net_with_a_submodule_named_module_is_saved_whole_with_its_ema(data: d
     ckpt = set(load_tensors(tmp_path / "checkpoint.safetensors")[0])
     assert "model.head.weight" in ckpt and any(k.endswith("head.weight") and not k.startswith("model.") for k in ckpt)
     torch.testing.assert_close(load_model(tmp_path, model=ModuleAttrNet()).head.weight, saved["head.weight"])
+
+
+class _Constant(nn.Module):
+    """Logits that ignore the input: always class 0, whatever the weights become."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bias.expand(len(x), -1) * torch.tensor([1.0, 0.0, 0.0, 0.0]) + 0.0 * x.flatten(1)[:, :1]
+
+
+def _four_classes(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 8, generator=g)
+    return x, (x[:, :4]).argmax(1)  # learnable: the largest of the first four features
+
+
+@pytest.mark.parametrize("learns", [False, True])
+def test_a_run_stuck_at_chance_is_told_so(tmp_path: Path, one_thread: None, learns: bool) -> None:
+    """Clean test accuracy within 2 points of chance for 3 epochs puts one warning line per such epoch in the log."""
+    lines: list[str] = []
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4)) if learns else _Constant()
+    fit(model, _four_classes(800, 0), ThreatModel("linf", 0.01), test_data=_four_classes(400, 1), out=tmp_path, epochs=4,
+        lr=0.5, log=lines.append)  # fmt: skip
+    warnings = [line for line in lines if line.startswith("warning: clean test accuracy has stayed at chance")]
+    if learns:
+        assert warnings == [] and read_metrics(tmp_path)[-1]["test_acc"] > 0.6
+    else:
+        chance = float(_four_classes(400, 1)[1].bincount().max()) / 400  # the majority class's share, not 1/4
+        assert len(warnings) == 2 and f"({chance:.3f})" in warnings[0]  # epochs 3 and 4
+
+
+def test_chance_accuracy_and_not_learning_are_exact() -> None:
+    from robustopt.training.monitor import chance_accuracy, not_learning
+
+    assert chance_accuracy(torch.tensor([0, 0, 0, 1]), 2) == 0.75 and chance_accuracy(None, 10) == 0.1
+    rows = [{"test_acc": a} for a in (0.11, 0.12, 0.10)]
+    assert not_learning(rows, 0.1) is not None
+    assert not_learning(rows[1:], 0.1) is None  # fewer than 3 epochs
+    assert not_learning([*rows[:2], {"test_acc": 0.1201}], 0.1) is None  # one epoch past chance + 2 points
+    assert not_learning([*rows[:2], {"test_acc": None}], 0.1) is None  # no test set: no claim

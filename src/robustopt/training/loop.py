@@ -37,7 +37,7 @@ from robustopt.training.config import TrainConfig
 from robustopt.training.ema import WeightAverage
 from robustopt.training.extra import extra_batches, extra_count, labelled_batch_size, mixed
 from robustopt.training.metrics import guard_accuracy, pgd_accuracy, source_accuracy
-from robustopt.training.monitor import Board, Log, epoch_line, make_bar, want_bar
+from robustopt.training.monitor import Board, Log, chance_accuracy, epoch_line, make_bar, not_learning, want_bar
 from robustopt.training.objectives import train_step
 from robustopt.training.schedules import eps_factor, lr_factor, ramped, set_scheduled_lr
 from robustopt.training.setup import Run, build_step, guard_size, prepare, resolve_config
@@ -323,6 +323,9 @@ def _end_epoch(run: Run, seconds: float, lr: float) -> None:
     prog.history.append(row)
     if info.is_main:
         run.log(epoch_line(row, cfg.epochs))
+        warning = not_learning(prog.history, chance_accuracy(getattr(run.test, "y", None), run.meta["num_classes"]))
+        if warning:
+            run.log(warning)
         if run.board is not None:
             run.board.epoch(row)
     prog.epoch, prog.batch, prog.loss_sum, prog.correct, prog.seen, prog.seconds = prog.epoch + 1, 0, 0.0, 0.0, 0.0, 0.0

@@ -26,6 +26,32 @@ def make_bar(enabled: bool, total: int, initial: int, epoch: int, epochs: int) -
     return tqdm(total=total, initial=initial, desc=f"epoch {epoch + 1}/{epochs}", leave=False, disable=not enabled, unit="batch")
 
 
+CHANCE_EPOCHS, CHANCE_MARGIN = 3, 0.02
+
+
+def chance_accuracy(labels: Any, num_classes: int) -> float:
+    """The clean accuracy of always answering the most frequent test label (1/K when the labels are not in memory)."""
+    if labels is None or len(labels) == 0:
+        return 1.0 / max(num_classes, 1)
+    return float(labels.long().flatten().bincount().max()) / len(labels)
+
+
+def not_learning(history: list[dict[str, Any]], chance: float) -> str | None:
+    """A warning when clean test accuracy has stayed within 2 points of chance for the last 3 epochs, else None.
+
+    A net that never leaves chance (too high a learning rate, ε too large from the first step, labels that do not
+    match the inputs) otherwise trains for hours with nothing in the log to say so. Clean accuracy is the signal,
+    not the loss: robust and certified losses sit above ln K for a while in healthy runs.
+    """
+    recent = [row.get("test_acc") for row in history[-CHANCE_EPOCHS:]]
+    if len(recent) < CHANCE_EPOCHS or any(a is None or a > chance + CHANCE_MARGIN for a in recent):
+        return None
+    return (
+        f"warning: clean test accuracy has stayed at chance ({chance:.3f}) for {CHANCE_EPOCHS} epochs: the net is not "
+        "learning; try a lower --lr, an ε ramp (--eps-ramp-epochs), or check that the labels match the inputs"
+    )
+
+
 def epoch_line(row: dict[str, Any], epochs: int) -> str:
     """``epoch 3/10  loss 0.41  train acc (perturbed batches) 0.83  test acc 0.97  pgd-10 acc 0.88 (500 held out)  12.3s``."""
     parts = [
