@@ -36,16 +36,14 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from robustopt.data.datasets import load_dataset, to_float
+from robustopt.cli.loaders import load_run
 from robustopt.evaluation.attacks._common import cascade
 from robustopt.evaluation.attacks.autoattack import STANDARD, standard_components
-from robustopt.files import read_json
-from robustopt.loading import load_model
-from robustopt.pretrained import resolve_run
 from robustopt.threat.model import ThreatModel
 from robustopt.threat.perturb import attack_state
 
@@ -194,12 +192,6 @@ def compare(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatMo
     return out
 
 
-def test_images(run_dir: str, n: int, data_dir: str | None, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``n`` test images, in [0, 1], of the dataset the run was trained on (as ``evaluate`` picks it)."""
-    data = load_dataset(read_json(resolve_run(run_dir) / "config.json").get("dataset", "mnist"), data_dir)
-    return to_float(data.x_test[:n]).to(device), data.y_test[:n].to(device)
-
-
 def sync(x: torch.Tensor) -> None:
     if x.is_cuda:
         torch.cuda.synchronize()
@@ -243,8 +235,9 @@ def main() -> None:
     figures = {}
     for spec in args.run:
         run_dir, _, eps = spec.rpartition("@")
-        model = load_model(run_dir, args.device)
-        x, y = test_images(run_dir, args.images, args.data_dir, args.device)
+        data_dir = Path(args.data_dir) if args.data_dir else None
+        loaded = load_run(run_dir, args.device, args.images, data_dir, trust_code=False)  # as `evaluate` loads it
+        model, x, y = loaded.model, loaded.x.to(loaded.device), loaded.y.to(loaded.device)
         names = available(["robustopt"] + [t for t in args.tools.split(",") if t != "robustopt"])
         threat = ThreatModel(args.norm, float(eps))
         res = compare(model, x, y, threat, names, args.repeats)
